@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages vzpy needs on the host. Idempotent: apt skips what is already installed.
+set -euo pipefail
+packages=(
+  rsync openssh-client openssh-server iproute2 nftables iptables util-linux procps
+  busybox-static debootstrap patchelf zstd tar xz-utils ca-certificates
+  debian-archive-keyring python3-venv tmux
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "vzpy setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,3 @@
+from vzpy.cli import main
+
+main()

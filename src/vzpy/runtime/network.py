@@ -1,0 +1,156 @@
+"""CT networking with pyroute2: a veth pair routed like OpenVZ's venet.
+
+The CT side (eth0) carries the CT's addresses as /32 with a default route out of eth0; the host side
+has no address, answers ARP for the CT (proxy_arp) and has a /32 route per CT address. Moving a CT is
+then a matter of moving its routes: nothing in the CT depends on the host's addressing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vzpy.errors import BadIp, NetworkError
+
+CT_IFNAME = "eth0"
+IFNAMSIZ = 15
+
+
+def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        return ipaddress.ip_address(value.split("/")[0])
+    except ValueError as e:
+        raise BadIp(f"invalid IP address {value!r}: give an address such as 10.0.0.101") from e
+
+
+def host_ifname(prefix: str, ctid: str) -> str:
+    """vzctl's veth naming (veth101.0), hashed when the CTID is too long for an interface name."""
+    name = f"{prefix}{ctid}.0"
+    if len(name) <= IFNAMSIZ:
+        return name
+    return f"{prefix}{hashlib.sha1(ctid.encode()).hexdigest()[: IFNAMSIZ - len(prefix) - 2]}.0"
+
+
+def _sysctl(path: str, value: str) -> None:
+    Path("/proc/sys", path).write_text(value)
+
+
+def _netns_path(pid: int) -> str:
+    return f"/proc/{pid}/ns/net"
+
+
+def _prefixlen(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    return 32 if ip.version == 4 else 128
+
+
+def create_veth(host_if: str, init_pid: int) -> None:
+    """Create the veth pair and move its CT end into the netns of init_pid, named eth0."""
+    with IPRoute() as ipr:
+        if ipr.link_lookup(ifname=host_if):
+            ipr.link("del", ifname=host_if)
+        try:
+            ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": f"{host_if[:-2]}.c"})
+            peer = ipr.link_lookup(ifname=f"{host_if[:-2]}.c")[0]
+            ipr.link("set", index=peer, net_ns_fd=_netns_path(init_pid))
+        except NetlinkError as e:
+            raise NetworkError(f"cannot create veth {host_if}: {e}") from e
+    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+        index = ct.link_lookup(ifname=f"{host_if[:-2]}.c")[0]
+        ct.link("set", index=index, ifname=CT_IFNAME)
+
+
+def configure_ct_side(init_pid: int, ips: Iterable[str]) -> None:
+    """Inside the CT: lo up, eth0 up with its /32 addresses and default routes out of eth0."""
+    parsed = [parse_ip(ip) for ip in ips]
+    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+        ct.link("set", index=ct.link_lookup(ifname="lo")[0], state="up")
+        index = ct.link_lookup(ifname=CT_IFNAME)[0]
+        ct.link("set", index=index, state="up")
+        for ip in parsed:
+            ct.addr("add", index=index, address=str(ip), prefixlen=_prefixlen(ip))
+        for family in {ip.version for ip in parsed}:
+            dst = "0.0.0.0/0" if family == 4 else "::/0"
+            ct.route("replace", dst=dst, oif=index, scope=253 if family == 4 else 0)
+
+
+def add_ct_address(init_pid: int, ip: str) -> None:
+    parsed = parse_ip(ip)
+    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+        index = ct.link_lookup(ifname=CT_IFNAME)[0]
+        ct.addr("add", index=index, address=str(parsed), prefixlen=_prefixlen(parsed))
+        dst = "0.0.0.0/0" if parsed.version == 4 else "::/0"
+        ct.route("replace", dst=dst, oif=index, scope=253 if parsed.version == 4 else 0)
+
+
+def del_ct_address(init_pid: int, ip: str) -> None:
+    parsed = parse_ip(ip)
+    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+        index = ct.link_lookup(ifname=CT_IFNAME)[0]
+        try:
+            ct.addr("del", index=index, address=str(parsed), prefixlen=_prefixlen(parsed))
+        except NetlinkError:
+            pass
+
+
+def configure_host_side(host_if: str, ips: Iterable[str]) -> None:
+    """On the host: the veth end up, proxy ARP on it, forwarding, and a /32 route per CT address."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=host_if)
+        if not found:
+            raise NetworkError(f"host interface {host_if} is missing; restart the CT")
+        ipr.link("set", index=found[0], state="up")
+        _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
+        _sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1")
+        for ip in ips:
+            add_host_route(host_if, ip, ipr=ipr)
+
+
+def add_host_route(host_if: str, ip: str, ipr: IPRoute | None = None) -> None:
+    parsed = parse_ip(ip)
+    own = ipr is None
+    ipr = ipr or IPRoute()
+    try:
+        index = ipr.link_lookup(ifname=host_if)[0]
+        ipr.route("replace", dst=f"{parsed}/{_prefixlen(parsed)}", oif=index, scope=253)
+    except (NetlinkError, IndexError) as e:
+        raise NetworkError(f"cannot route {parsed} to {host_if}: {e}") from e
+    finally:
+        if own:
+            ipr.close()
+
+
+def del_host_route(ip: str) -> None:
+    parsed = parse_ip(ip)
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", dst=f"{parsed}/{_prefixlen(parsed)}")
+        except NetlinkError:
+            pass
+
+
+def delete_veth(host_if: str) -> None:
+    """Remove the host end (the CT end goes with it); absent is fine."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=host_if)
+        if found:
+            try:
+                ipr.link("del", index=found[0])
+            except NetlinkError as e:
+                if e.code != 19:  # ENODEV: the CT's netns took it down with it meanwhile
+                    raise NetworkError(f"cannot delete {host_if}: {e}") from e
+
+
+def routed_ips() -> dict[str, str]:
+    """Host /32 routes to CTs: address -> interface name (to find addresses already in use)."""
+    result: dict[str, str] = {}
+    with IPRoute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for route in ipr.get_routes(family=2):
+            if route["dst_len"] == 32 and route.get_attr("RTA_DST"):
+                result[route.get_attr("RTA_DST")] = names.get(route.get_attr("RTA_OIF"), "")
+    return result

@@ -1,0 +1,349 @@
+"""Real CRIU through vzpy's RPC: dump, restore, page server, failures, and the host's feature report.
+
+The dumped tree is a shell counting into a file, as pid 1 of its own PID, UTS, IPC and network namespaces
+and a session leader there, with stdio on /dev/null (it stays in the host's mount namespace: a copy of the host's
+mounts would include whatever other tests mount meanwhile, which CRIU may refuse to dump).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vzpy.criu import Criu, CriuBinary, CriuOptions, NetworkLock, derive_plan, detect_capabilities, require_criu
+from vzpy.errors import ChkpntError, RestoreError
+
+pytest.importorskip("pycriu", reason="pycriu comes with `make setup`")
+
+WAIT = 10.0  # bound for every wait on a process or a counter
+COUNTER_SCRIPT = 'i=0; while :; do i=$((i+1)); echo "$i" > {counter}; sleep 0.05; done'
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass
+class CounterTree:
+    holder: subprocess.Popen[bytes]  # `unshare`, waiting for the tree
+    pid: int  # the tree's root (pid 1 of its namespace) as the host sees it
+    counter: Path
+
+    def value(self) -> int:
+        text = self.counter.read_text().strip() if self.counter.exists() else ""
+        return int(text) if text else 0
+
+    def wait_for_progress(self) -> None:
+        start = self.value()
+        wait_until(lambda: self.value() > start, f"{self.counter} to increase past {start}")
+
+
+def first_child(pid: int) -> int:
+    children_file = Path(f"/proc/{pid}/task/{pid}/children")
+    children: list[str] = []
+
+    def has_child() -> bool:
+        children[:] = children_file.read_text().split()
+        return bool(children)
+
+    wait_until(has_child, f"unshare {pid} to start its child")
+    return int(children[0])
+
+
+@pytest.fixture(scope="module")
+def usable_criu() -> CriuBinary:
+    return require_criu()
+
+
+@pytest.fixture
+def criu(usable_criu: CriuBinary) -> Criu:
+    return Criu(usable_criu, timeout=30)
+
+
+@pytest.fixture
+def counter_tree(tmp_path: Path) -> Iterator[CounterTree]:
+    counter = tmp_path / "counter"
+    # exec fresh: a shell keeps saved copies of fds, which would point outside the tree.
+    script = f"exec </dev/null >/dev/null 2>&1; {COUNTER_SCRIPT.format(counter=counter)}"
+    holder = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--uts", "--ipc", "--net", "--", "setsid", "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    tree = None
+    try:
+        tree = CounterTree(holder, first_child(holder.pid), counter)
+        tree.wait_for_progress()
+        yield tree
+    finally:
+        if tree is not None:
+            with suppress(ProcessLookupError):
+                os.kill(tree.pid, signal.SIGKILL)  # pid 1 of a namespace ignores SIGTERM
+        holder.kill()
+        holder.wait(WAIT)
+
+
+@pytest.fixture
+def restored() -> Iterator[list[int]]:
+    """Pids of trees restored with rst_sibling (so our children): killed and reaped at the end."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def missing_pid() -> int:
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    while Path(f"/proc/{pid}").exists():
+        pid -= 1
+    return pid
+
+
+def ns_pid(pid: int) -> int:
+    """The pid inside the innermost pid namespace (NSpid's last field)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    raise AssertionError(f"no NSpid for {pid}")
+
+
+def images_dir(tmp_path: Path, name: str = "img") -> Path:
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
+# --- dump and restore ---
+
+
+@pytest.mark.root
+def test_dump_then_restore_continues_the_tree(
+    criu: Criu, counter_tree: CounterTree, tmp_path: Path, restored: list[int]
+) -> None:
+    images = images_dir(tmp_path)
+    dump_events: list[str] = []
+    criu.dump(CriuOptions(images_dir=images, pid=counter_tree.pid), notify=lambda s, p: dump_events.append(s))
+
+    assert "pre-dump" in dump_events and "post-dump" in dump_events
+    assert counter_tree.holder.wait(WAIT) is not None  # the dump killed the tree
+    stopped_at = counter_tree.value()
+    time.sleep(0.2)
+    assert counter_tree.value() == stopped_at
+
+    restore_events: list[tuple[str, int]] = []
+    pid = criu.restore(
+        CriuOptions(images_dir=images, rst_sibling=True), notify=lambda s, p: restore_events.append((s, p))
+    )
+    restored.append(pid)
+
+    assert ("post-restore", pid) in restore_events
+    assert {"setup-namespaces", "post-resume"} <= {script for script, _ in restore_events}
+    wait_until(lambda: counter_tree.value() > stopped_at, "the restored counter to continue")
+    assert ns_pid(pid) == 1  # still pid 1 of its own namespace
+    assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # rst_sibling: our child, still running
+
+
+@pytest.mark.root
+@pytest.mark.requires_criu_feature("network_lock_nftables")
+def test_network_is_locked_on_dump_and_unlocked_on_restore(
+    criu: Criu, counter_tree: CounterTree, tmp_path: Path, restored: list[int]
+) -> None:
+    images = images_dir(tmp_path)
+    net = {"network_lock": NetworkLock.NFTABLES, "tcp_established": True}
+    dump_events: list[str] = []
+    criu.dump(CriuOptions(images_dir=images, pid=counter_tree.pid, **net), notify=lambda s, p: dump_events.append(s))
+    assert dump_events.index("network-lock") < dump_events.index("post-dump")
+    assert "network-unlock" not in dump_events  # the lock stays until the restore
+
+    events: list[str] = []
+    pid = criu.restore(CriuOptions(images_dir=images, rst_sibling=True, **net), notify=lambda s, p: events.append(s))
+    restored.append(pid)
+    assert events.index("post-restore") < events.index("network-unlock") < events.index("post-resume")
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+
+@pytest.mark.root
+def test_leave_running_dump_keeps_the_tree_going(criu: Criu, counter_tree: CounterTree, tmp_path: Path) -> None:
+    images = images_dir(tmp_path)
+    criu.dump(CriuOptions(images_dir=images, pid=counter_tree.pid, leave_running=True))
+    assert (images / "inventory.img").exists()
+    counter_tree.wait_for_progress()
+
+
+@pytest.mark.root
+def test_page_server_receives_the_pages(
+    criu: Criu, counter_tree: CounterTree, tmp_path: Path, restored: list[int]
+) -> None:
+    source, destination = images_dir(tmp_path, "src"), images_dir(tmp_path, "dst")
+    with criu.page_server(CriuOptions(images_dir=destination, page_server=("127.0.0.1", 0))) as server:
+        assert server.port > 0
+        criu.dump(CriuOptions(images_dir=source, pid=counter_tree.pid, page_server=("127.0.0.1", server.port)))
+        assert server.wait(WAIT) == 0
+
+    assert list(destination.glob("pages-*.img")) and not list(source.glob("pages-*.img"))
+    stopped_at = counter_tree.value()
+    for image in source.glob("*.img"):
+        if not (destination / image.name).exists():
+            shutil.copy2(image, destination)
+    restored.append(criu.restore(CriuOptions(images_dir=destination, rst_sibling=True)))
+    wait_until(lambda: counter_tree.value() > stopped_at, "the counter restored from streamed pages")
+
+
+@pytest.mark.root
+def test_stopping_an_unused_page_server(criu: Criu, tmp_path: Path) -> None:
+    server = criu.page_server(CriuOptions(images_dir=images_dir(tmp_path), page_server=("127.0.0.1", 0)))
+    server.stop()
+    assert server.exit_code == -signal.SIGKILL
+    assert not Path(f"/proc/{server.pid}").exists()
+
+
+# --- failures ---
+
+
+@pytest.mark.root
+def test_dump_of_a_missing_pid_raises_chkpnt_error_with_the_log(criu: Criu, tmp_path: Path) -> None:
+    images = images_dir(tmp_path)
+    pid = missing_pid()
+    with pytest.raises(ChkpntError) as caught:
+        criu.dump(CriuOptions(images_dir=images, pid=pid))
+
+    error = caught.value
+    assert error.exit_code == 16
+    assert error.message.startswith(f"criu dump of pid {pid} failed: ")
+    assert "\n" not in error.message
+    assert "Error (" in error.detail
+    assert f"CRIU log: {images / 'dump.log'}" in error.detail
+    assert (images / "dump.log").exists()
+
+
+@pytest.mark.root
+def test_restore_without_images_raises_restore_error(criu: Criu, tmp_path: Path) -> None:
+    images = images_dir(tmp_path)
+    with pytest.raises(RestoreError) as caught:
+        criu.restore(CriuOptions(images_dir=images))
+    assert caught.value.exit_code == 17
+    assert "Error (" in caught.value.detail
+    assert str(images / "restore.log") in caught.value.detail
+
+
+@pytest.mark.root
+def test_failing_notify_callback_aborts_the_dump(criu: Criu, counter_tree: CounterTree, tmp_path: Path) -> None:
+    def refuse(script: str, pid: int) -> None:
+        if script == "post-dump":
+            raise RuntimeError("destination is not ready")
+
+    with pytest.raises(ChkpntError, match="post-dump callback failed: destination is not ready") as caught:
+        criu.dump(CriuOptions(images_dir=images_dir(tmp_path), pid=counter_tree.pid), notify=refuse)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert "RPC client reported script error" in caught.value.detail
+    counter_tree.wait_for_progress()  # CRIU resumed the tree
+
+
+def test_swrk_dying_before_answering_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ChkpntError, match=r"criu swrk exited with code 1 before answering"):
+        Criu("/bin/false").dump(CriuOptions(images_dir=tmp_path, pid=1))
+
+
+def test_silent_criu_times_out_and_is_killed(tmp_path: Path) -> None:
+    silent = tmp_path / "criu"
+    silent.write_text("#!/bin/sh\nexec sleep 30\n")
+    silent.chmod(silent.stat().st_mode | stat.S_IXUSR)
+    started = time.monotonic()
+    with pytest.raises(RestoreError, match=r"timed out after 0\.5s \(CRIU killed\)"):
+        Criu(silent, timeout=0.5).restore(CriuOptions(images_dir=tmp_path))
+    assert time.monotonic() - started < 5
+
+
+# --- asking CRIU about itself ---
+
+
+@pytest.mark.root
+def test_version_over_rpc_matches_the_cli(criu: Criu, usable_criu: CriuBinary) -> None:
+    assert criu.version() == usable_criu.version
+
+
+@pytest.mark.root
+def test_check_and_feature_check(criu: Criu) -> None:
+    criu.check()
+    features = criu.feature_check()
+    assert set(features) == {"mem_track", "lazy_pages", "pidfd_store"}
+    assert features["mem_track"] == criu.check_feature("mem_dirty_track")
+    with pytest.raises(ValueError, match="no feature"):
+        criu.check_feature("no_such_feature")
+
+
+@pytest.mark.root
+def test_feature_report_agrees_with_criu_check(usable_criu: CriuBinary, tmp_path: Path) -> None:
+    check = [usable_criu.path, "check", "--feature", "mem_dirty_track"]
+    tracks_memory = subprocess.run(check, capture_output=True, timeout=WAIT).returncode == 0
+
+    caps = detect_capabilities(usable_criu, tmp_path / "cache")
+    plan = derive_plan(caps)
+
+    assert caps.has("mem_dirty_track") is tracks_memory
+    if tracks_memory:
+        assert plan.memory == "pre-copy"
+    else:
+        assert plan.memory == "stop-and-copy"
+        assert (
+            "pre-copy migration unavailable: kernel lacks soft-dirty tracking (mem_dirty_track); "
+            "using stop-and-copy with page-server streaming"
+        ) in plan.sentences
+    if caps.has("uffd") and caps.has("uffd-noncoop"):
+        assert caps.lazy_pages is not None and caps.lazy_pages_note  # probed, with what happened
+    assert plan.postcopy_available is (caps.lazy_pages is True)
+
+
+@pytest.mark.root
+def test_feature_cache_makes_the_second_detection_fast(usable_criu: CriuBinary, tmp_path: Path) -> None:
+    first = detect_capabilities(usable_criu, tmp_path)
+    started = time.monotonic()
+    second = detect_capabilities(usable_criu, tmp_path)
+    assert time.monotonic() - started < 0.1
+    assert not first.cached and second.cached
+    assert (second.features, second.lazy_pages) == (first.features, first.lazy_pages)
+    unprobed = detect_capabilities(usable_criu, tmp_path, probe_lazy=False, refresh=True)
+    assert not unprobed.cached
+    if unprobed.has("uffd") and unprobed.has("uffd-noncoop"):
+        # A cache written without the probe does not answer a caller who wants it.
+        assert unprobed.lazy_pages is None
+        assert not detect_capabilities(usable_criu, tmp_path).cached
+
+
+@pytest.mark.root
+@pytest.mark.requires_criu_feature("mem_dirty_track")
+def test_pre_dump_then_dump(criu: Criu, counter_tree: CounterTree, tmp_path: Path) -> None:
+    first, final = images_dir(tmp_path, "1"), images_dir(tmp_path, "2")
+    criu.pre_dump(CriuOptions(images_dir=first, pid=counter_tree.pid, track_mem=True))
+    counter_tree.wait_for_progress()
+    criu.dump(CriuOptions(images_dir=final, pid=counter_tree.pid, track_mem=True, parent_img="../1"))
+    assert (final / "inventory.img").exists()
+
+
+@pytest.mark.root
+def test_pre_dump_without_dirty_tracking_fails_cleanly(criu: Criu, counter_tree: CounterTree, tmp_path: Path) -> None:
+    if criu.check_feature("mem_dirty_track"):
+        pytest.skip("this kernel tracks dirty memory: see test_pre_dump_then_dump")
+    with pytest.raises(ChkpntError, match=f"criu pre-dump of pid {counter_tree.pid} failed"):
+        criu.pre_dump(CriuOptions(images_dir=images_dir(tmp_path), pid=counter_tree.pid, track_mem=True))
+    counter_tree.wait_for_progress()

@@ -1,0 +1,47 @@
+"""Build the fidelity workload: one statically linked binary, cached by the hash of source and flags."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fidelity.c")
+CFLAGS: tuple[str, ...] = ("-std=gnu11", "-static", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror")
+LIBS: tuple[str, ...] = ("-lm",)
+
+
+class BuildError(RuntimeError):
+    """gcc failed; the message carries its stderr."""
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc")
+    if not cc:
+        raise BuildError("gcc not found (set CC or install gcc)")
+    return cc
+
+
+def _digest(cc: str) -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update("\0".join((cc, *CFLAGS, *LIBS)).encode())
+    return h.hexdigest()[:16]
+
+
+def build_fidelity(out_dir: Path) -> Path:
+    """Compile fidelity.c into out_dir (once per source version) and return the binary's path."""
+    cc = _compiler()
+    binary = Path(out_dir) / f"fidelity-{_digest(cc)}"
+    if binary.is_file() and os.access(binary, os.X_OK):
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    tmp = binary.with_name(f"{binary.name}.tmp{os.getpid()}")
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BuildError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stderr}")
+    os.replace(tmp, binary)  # atomic: concurrent builders never see a half-written binary
+    return binary

@@ -62,9 +62,7 @@ def create(
     store = TemplateStore(ct.gconf.template_dir)
     private.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(private.parent).free < MIN_FREE_BYTES:
-        raise NoDiskSpace(
-            f"less than {MIN_FREE_BYTES >> 20} MiB free under {private.parent}; free some space"
-        )
+        raise NoDiskSpace(f"less than {MIN_FREE_BYTES >> 20} MiB free under {private.parent}; free some space")
     conf = ConfFile(path=ct.conf_path, lines=[f"# CT {ct.ctid}, created by vzpy"])
     conf.set("OSTEMPLATE", ostemplate)
     conf.set("VE_ROOT", str(ct.gconf.ve_root(ct.ctid)))

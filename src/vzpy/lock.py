@@ -26,8 +26,7 @@ def ct_lock(lockdir: Path, ctid: str, operation: str) -> Iterator[None]:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown"
             pid, _, op = holder.partition(" ")
             raise Locked(
-                f"CT {ctid} is locked by vzpy pid {pid} ({op or 'unknown operation'}); "
-                "wait for it to finish and retry"
+                f"CT {ctid} is locked by vzpy pid {pid} ({op or 'unknown operation'}); wait for it to finish and retry"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {operation}\n".encode(), 0)

@@ -68,8 +68,7 @@ def _wrong_stage(ctid: str, stage: Stage, action: Action) -> VzError:
     message = f"CT {ctid} is {stage.value}: `{action.value}` is not allowed now; allowed next: {allowed}"
     if action is Action.START and stage in LIVE_STAGES:
         return AlreadyRunning(
-            f"CT {ctid} is already {stage.value}"
-            + ("" if stage is Stage.RUNNING else f"; allowed next: {allowed}")
+            f"CT {ctid} is already {stage.value}" + ("" if stage is Stage.RUNNING else f"; allowed next: {allowed}")
         )
     if stage is Stage.STOPPED and action in (Action.STOP, Action.SUSPEND):
         return NotRunning(f"CT {ctid} is not running; start it with `vzpy start {ctid}`")

@@ -14,20 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import http_get, ns_pids
+
 pytestmark = pytest.mark.root
-
-
-def http_get(ip: str, timeout: float = 10.0) -> str:
-    """GET http://ip/ from the host, retrying while the CT's service comes up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://{ip}/", timeout=2) as response:
-                return response.read().decode()
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 def ns_inode(pid: int | str, ns: str) -> int:
@@ -64,7 +53,7 @@ def test_ct_is_isolated_and_checkpointable_by_construction(running_ct) -> None:
         assert ns_inode(init, ns) != ns_inode("self", ns), f"CT shares the host's {ns} namespace"
     stat = Path(f"/proc/{init}/stat").read_text().rsplit(")", 1)[1].split()
     assert int(stat[3]) == init, "init is not a session leader (sid != its pid)"
-    assert Path(f"/proc/{init}/status").read_text().split("NSpid:")[1].split()[1] == "1"
+    assert ns_pids(init) == [init, 1]
     root = os.stat(f"/proc/{init}/root")
     assert (root.st_dev, root.st_ino) == (
         os.stat(vz.base / "root" / ctid).st_dev,

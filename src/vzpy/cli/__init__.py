@@ -58,11 +58,9 @@ def main() -> None:
     except Exception as e:  # an unexpected failure: one line, traceback only with --debug
         if debug:
             traceback.print_exc()
-        click.echo(
-            f"vzpy: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True
-        )
+        click.echo(f"vzpy: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", err=True)
         code = 3
     sys.exit(code or 0)
 
 
-from vzpy.cli import lifecycle, template  # noqa: E402, F401 - register commands
+from vzpy.cli import check, lifecycle, template  # noqa: E402, F401 - register commands

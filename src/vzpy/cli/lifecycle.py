@@ -17,9 +17,7 @@ CTID = click.argument("ctid")
 
 @cli.command()
 @CTID
-@click.option(
-    "--ostemplate", required=True, help="Template: 'minimal' (built in) or NAME of a NAME.tar.* in TEMPLATE."
-)
+@click.option("--ostemplate", required=True, help="Template: 'minimal' (built in) or NAME of a NAME.tar.* in TEMPLATE.")
 @click.option("--hostname", help="The CT's hostname (default: ctCTID).")
 @click.option("--ipadd", "ips", multiple=True, metavar="IP", help="An IP address for the CT; repeatable.")
 @pass_app
@@ -44,9 +42,7 @@ def start(app: App, ctid: str) -> None:
 
 @cli.command()
 @CTID
-@click.option(
-    "--fast", is_flag=True, help="Kill at once instead of asking init to shut down (SIGTERM, 10 s)."
-)
+@click.option("--fast", is_flag=True, help="Kill at once instead of asking init to shut down (SIGTERM, 10 s).")
 @pass_app
 def stop(app: App, ctid: str, fast: bool) -> None:
     """Stop CT CTID."""

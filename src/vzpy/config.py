@@ -15,6 +15,7 @@ from vzpy.errors import BadConfig, GlobalConfigNotFound, InvalidValue
 
 DEFAULT_GLOBAL_CONF = Path("/etc/vz/vz.conf")
 CTID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_VEID_RE = re.compile(r"\$\{VEID\}|\$VEID(?![A-Za-z0-9_])")
 _LINE_RE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 
 # Defaults as in vzctl's vz.conf; $VEID is replaced by the CT's ID.
@@ -71,22 +72,29 @@ class ConfFile:
         return self.values.get(key, default)
 
     def set(self, key: str, value: str | None) -> None:
-        """Set (or with None, remove) a key, editing its line in place or appending one."""
-        if value is not None and ('"' in value or "\n" in value):
-            raise InvalidValue(f"{key}: value may not contain quotes or newlines: {value!r}")
+        """Set (or with None, remove) a key, editing its line in place or appending one.
+
+        With the key on several lines the last one counts (as when parsing): it is edited, the others go.
+        """
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise InvalidValue(f"invalid config key {key!r}")
+        if value is not None and ('"' in value or any(ord(c) < 32 or c in "\x85\u2028\u2029" for c in value)):
+            raise InvalidValue(f"{key}: value may not contain quotes, line breaks or control characters: {value!r}")
         pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-        index = next((i for i, line in enumerate(self.lines) if pattern.match(line)), None)
+        indexes = [i for i, line in enumerate(self.lines) if pattern.match(line)]
+        keep = indexes[-1] if indexes and value is not None else None
+        for index in reversed(indexes):
+            if index != keep:
+                del self.lines[index]
         if value is None:
             self.values.pop(key, None)
-            if index is not None:
-                del self.lines[index]
             return
         self.values[key] = value
         line = f'{key}="{value}"'
-        if index is None:
+        if keep is None:
             self.lines.append(line)
         else:
-            self.lines[index] = line
+            self.lines[keep - sum(1 for i in indexes if i < keep)] = line
 
     def text(self) -> str:
         return "\n".join(self.lines) + "\n"
@@ -95,11 +103,15 @@ class ConfFile:
         """Write atomically: a temp file beside the target, fsync, rename."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(self.text())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(self.text())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 @dataclass(frozen=True)
@@ -112,8 +124,9 @@ class GlobalConfig:
 
     @classmethod
     def load(cls, path: Path | None = None) -> GlobalConfig:
-        explicit = path is not None or "VZPY_CONF" in os.environ
-        path = path or Path(os.environ.get("VZPY_CONF", DEFAULT_GLOBAL_CONF))
+        from_env = os.environ.get("VZPY_CONF") or None  # an empty VZPY_CONF counts as unset
+        explicit = path is not None or from_env is not None
+        path = path or Path(from_env or DEFAULT_GLOBAL_CONF)
         if not path.exists():
             if explicit:
                 raise GlobalConfigNotFound(
@@ -124,12 +137,7 @@ class GlobalConfig:
         return cls(path=path, values={**GLOBAL_DEFAULTS, **conf.values}, exists=True)
 
     def expand(self, key: str, ctid: str | None = None) -> Path:
-        value = self.values[key]
-        if "$VEID" in value or "${VEID}" in value:
-            if ctid is None:
-                raise InvalidValue(f"{key}={value} needs a CTID")
-            value = value.replace("${VEID}", ctid).replace("$VEID", ctid)
-        return Path(value)
+        return expand_veid(key, self.values[key], ctid)
 
     def ve_root(self, ctid: str) -> Path:
         return self.expand("VE_ROOT", ctid)
@@ -157,7 +165,16 @@ class GlobalConfig:
         return self.confdir / f"{ctid}.conf"
 
 
+def expand_veid(key: str, value: str, ctid: str | None) -> Path:
+    """Replace $VEID / ${VEID} (not $VEIDX) by the CT's ID, as vzctl does in both config files."""
+    if not _VEID_RE.search(value):
+        return Path(value)
+    if ctid is None:
+        raise InvalidValue(f"{key}={value} needs a CTID")
+    return Path(_VEID_RE.sub(lambda _: ctid, value))
+
+
 def validate_ctid(ctid: str) -> str:
-    if not CTID_RE.match(ctid) or ctid in {".", ".."}:
+    if not CTID_RE.fullmatch(ctid) or ctid in {".", ".."} or ctid.startswith("-"):
         raise InvalidValue(f"invalid CTID {ctid!r}: use a number or a name of letters, digits, '_', '.', '-'")
     return ctid

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from vzpy.config import ConfFile, GlobalConfig, validate_ctid
-from vzpy.errors import ConfigNotFound, InvalidValue
+from vzpy.config import ConfFile, GlobalConfig, expand_veid, validate_ctid
+from vzpy.errors import BadConfig, ConfigNotFound, InvalidValue
 from vzpy.runtime.cgroups import CgroupSet, Limits
 from vzpy.runtime.network import host_ifname
 from vzpy.stage import Stage
@@ -26,7 +26,7 @@ def parse_size(value: str, *, what: str = "size") -> int:
     text = value.strip().upper().removesuffix("B")
     unit = text[-1:] if text[-1:] in _SUFFIXES else ""
     number = text[: len(text) - len(unit)]
-    if not number.isdigit():
+    if not (number.isascii() and number.isdigit()):
         raise InvalidValue(f"invalid {what} {value!r}: use e.g. 512M or 2G")
     return int(number) * _SUFFIXES[unit]
 
@@ -41,6 +41,10 @@ class RunState:
     veth: str = ""
     ips: list[str] = field(default_factory=list)
     dumpfile: str = ""
+    # an operation that was started and not finished ("undump"): lets the next vzpy see the real stage
+    pending: str = ""
+    # when the CT was frozen (suspend or undump): resume reports how long it stood still
+    frozen_since: float = 0.0
     updated: float = 0.0
 
     def init_alive(self) -> bool:
@@ -65,11 +69,16 @@ class Container:
 
     @property
     def private(self) -> Path:
-        return Path(self.conf.get("VE_PRIVATE") or self.gconf.ve_private(self.ctid))
+        return self._path("VE_PRIVATE")
 
     @property
     def root(self) -> Path:
-        return Path(self.conf.get("VE_ROOT") or self.gconf.ve_root(self.ctid))
+        return self._path("VE_ROOT")
+
+    def _path(self, key: str) -> Path:
+        """A path from CTID.conf ($VEID expanded, as vzctl writes them) or else from vz.conf."""
+        value = self.conf.get(key)
+        return expand_veid(key, value, self.ctid) if value else self.gconf.expand(key, self.ctid)
 
     @property
     def state_path(self) -> Path:
@@ -123,10 +132,15 @@ class Container:
     def load_state(self) -> RunState:
         try:
             data = json.loads(self.state_path.read_text())
+            data["stage"] = Stage(data["stage"])
+            return RunState(**data)
         except FileNotFoundError:
             return RunState()
-        data["stage"] = Stage(data["stage"])
-        return RunState(**data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise BadConfig(
+                f"state file {self.state_path} of CT {self.ctid} is unreadable ({e}); "
+                "if the CT is not running, remove the file"
+            ) from e
 
     def save_state(self, state: RunState) -> None:
         state.updated = time.time()
@@ -139,16 +153,19 @@ class Container:
         self.state_path.unlink(missing_ok=True)
 
     def stage(self) -> Stage:
-        """The real stage: the persisted one, checked against the processes and the freezer."""
+        """The real stage: the persisted one, checked against the processes and the freezer.
+
+        Stages are persisted before their side effects, so a vzpy killed half-way leaves a stage from
+        which the matching recovery (`chkpnt --resume`, `restore --kill`) is allowed.
+        """
         state = self.load_state()
+        if state.pending == "undump":
+            return Stage.UNDUMPED if self.cgroups.pids() else Stage.STOPPED
         if state.stage is Stage.STOPPED or not state.init_alive():
             return Stage.STOPPED
-        frozen = self.cgroups.freezer_state() != "THAWED"
-        if not frozen:
-            return Stage.RUNNING
-        if state.stage in (Stage.DUMPED, Stage.UNDUMPED):
-            return state.stage
-        return Stage.SUSPENDED
+        if state.stage is Stage.RUNNING:
+            return Stage.SUSPENDED if self.cgroups.freezer_state() != "THAWED" else Stage.RUNNING
+        return state.stage
 
     def nproc(self) -> int:
         return len(self.cgroups.pids())

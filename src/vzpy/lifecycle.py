@@ -81,7 +81,7 @@ def destroy(ct: Container) -> None:
     stage = ct.stage()
     if stage is not Stage.STOPPED:
         raise VzError(f"CT {ct.ctid} is {stage.value}; stop it first with `vzpy stop {ct.ctid}`")
-    _cleanup_leftovers(ct, ct.load_state())
+    cleanup_leftovers(ct, ct.load_state())
     try:
         shutil.rmtree(ct.private, ignore_errors=False) if ct.private.exists() else None
         if ct.root.is_dir():
@@ -111,7 +111,7 @@ def _check_ips_free(ctid: str, ips: Sequence[str], others: Sequence[Container]) 
 def start(ct: Container, progress: Progress = _quiet) -> RunState:
     transition(ct.ctid, ct.stage(), Action.START)
     state = ct.load_state()
-    _cleanup_leftovers(ct, state)
+    cleanup_leftovers(ct, state)
     if not ct.private.is_dir():
         raise PrivateNotFound(f"private area {ct.private} of CT {ct.ctid} not found; recreate the CT")
     progress(f"Starting CT {ct.ctid} ...")
@@ -130,7 +130,7 @@ def start(ct: Container, progress: Progress = _quiet) -> RunState:
         init_pid = launch(InitSpec(root=ct.root, hostname=ct.hostname), prepare)
         network.configure_host_side(ct.veth, ct.ips)
     except BaseException:
-        _cleanup_leftovers(ct, RunState(veth=ct.veth, ips=ct.ips))
+        cleanup_leftovers(ct, RunState(veth=ct.veth, ips=ct.ips))
         raise
     state = RunState(
         stage=Stage.RUNNING,
@@ -150,8 +150,8 @@ def stop(ct: Container, *, fast: bool = False, progress: Progress = _quiet) -> N
     progress(f"Stopping CT {ct.ctid} ...")
     if not fast:
         _terminate(ct, state)
-    _kill_all(ct)
-    _cleanup_leftovers(ct, state)
+    kill_all(ct)
+    cleanup_leftovers(ct, state)
     ct.clear_state()
     progress(f"CT {ct.ctid} stopped")
 
@@ -160,6 +160,8 @@ def _terminate(ct: Container, state: RunState) -> None:
     """Ask init to shut the CT down (SIGTERM); wait for the CT to empty."""
     if ct.cgroups.freezer_state() != "THAWED":
         ct.cgroups.thaw()
+    if state.init_pid <= 0 or not state.init_alive():
+        return
     try:
         os.kill(state.init_pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -167,7 +169,7 @@ def _terminate(ct: Container, state: RunState) -> None:
     _wait_empty(ct, STOP_TIMEOUT)
 
 
-def _kill_all(ct: Container) -> None:
+def kill_all(ct: Container) -> None:
     """SIGKILL everything left in the CT's cgroup; frozen tasks only die once thawed."""
     cgroups = ct.cgroups
     for _ in range(3):
@@ -195,10 +197,10 @@ def _wait_empty(ct: Container, timeout: float) -> bool:
     return True
 
 
-def _cleanup_leftovers(ct: Container, state: RunState) -> None:
+def cleanup_leftovers(ct: Container, state: RunState) -> None:
     """Undo what a start left behind: processes, host routes, veth, root mount, cgroups."""
     if ct.cgroups.exists():
-        _kill_all(ct)
+        kill_all(ct)
     for ip in state.ips:
         network.del_host_route(ip)
     network.delete_veth(state.veth or ct.veth)

@@ -40,9 +40,13 @@ def main() -> None:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Exit as e:
         code = e.exit_code
+    except click.UsageError as e:
+        where = f"`{e.ctx.command_path} --help`" if e.ctx else "`vzpy --help`"
+        click.echo(f"vzpy: error: {e.format_message()} (see {where})", err=True)
+        code = USAGE_EXIT
     except click.ClickException as e:
-        e.show()
-        code = USAGE_EXIT if isinstance(e, click.UsageError) else e.exit_code
+        click.echo(f"vzpy: error: {e.format_message()}", err=True)
+        code = e.exit_code
     except click.Abort:
         click.echo("vzpy: aborted", err=True)
         code = 1

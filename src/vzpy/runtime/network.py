@@ -19,11 +19,13 @@ from vzpy.errors import BadIp, NetworkError
 
 CT_IFNAME = "eth0"
 IFNAMSIZ = 15
+MAX_PREFIX = 7
 
 
 def parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as vzctl's IP_ADDRESS holds it: bare, or with a valid /prefix (which is ignored)."""
     try:
-        return ipaddress.ip_address(value.split("/")[0])
+        return ipaddress.ip_interface(value).ip
     except ValueError as e:
         raise BadIp(f"invalid IP address {value!r}: give an address such as 10.0.0.101") from e
 
@@ -33,6 +35,7 @@ def host_ifname(prefix: str, ctid: str) -> str:
     name = f"{prefix}{ctid}.0"
     if len(name) <= IFNAMSIZ:
         return name
+    prefix = prefix[:MAX_PREFIX]  # leaves at least 6 hex digits of the hash
     return f"{prefix}{hashlib.sha1(ctid.encode()).hexdigest()[: IFNAMSIZ - len(prefix) - 2]}.0"
 
 

@@ -34,6 +34,13 @@ mkdir -p "$DEMO/private/$CTID/var/www"
 echo "hello from CT $CTID" >"$DEMO/private/$CTID/var/www/index.html"
 printf '#!/bin/sh\nexec httpd -f -p 80 -h /var/www\n' >"$DEMO/private/$CTID/etc/vzpy/services/httpd"
 chmod +x "$DEMO/private/$CTID/etc/vzpy/services/httpd"
+# a counter that lives in a shell's memory: after restore it must go on, not start again at 1
+cat >"$DEMO/private/$CTID/etc/vzpy/services/counter" <<'SVC'
+#!/bin/sh
+i=0
+while :; do i=$((i + 1)); echo "$i" >/var/www/counter; sleep 0.1; done
+SVC
+chmod +x "$DEMO/private/$CTID/etc/vzpy/services/counter"
 
 step "Start it and look inside"
 run vzpy start "$CTID"
@@ -49,6 +56,22 @@ for _ in $(seq 50); do
 done
 printf '$ wget -qO- http://%s/\n%s\n' "$IP" "$out"
 [ "$out" = "hello from CT $CTID" ]
+
+step "Checkpoint the running CT to a dump file (it stops), then restore it"
+sleep 1
+before=$(wget -qO- "http://$IP/counter")
+printf 'counter before chkpnt: %s\n' "$before"
+run vzpy chkpnt "$CTID" --dumpfile "$DEMO/dump/Dump.$CTID"
+run vzpy status "$CTID"
+run vzpy dumpinfo "$DEMO/dump/Dump.$CTID"
+run vzpy restore "$CTID" --dumpfile "$DEMO/dump/Dump.$CTID"
+after=$(wget -qO- "http://$IP/counter")
+printf 'counter after restore: %s (it went on from %s: the memory came back)\n' "$after" "$before"
+[ "$after" -ge "$before" ]
+
+step "A live snapshot for cron: --suspend --dump --resume"
+run vzpy chkpnt "$CTID" --snapshot --with-fs --dumpfile "$DEMO/dump/Snap.$CTID"
+run vzpy status "$CTID"
 
 step "Stop and destroy"
 run vzpy stop "$CTID"

@@ -1,0 +1,255 @@
+"""vzpy chkpnt / restore, full and staged, on real CTs with real CRIU.
+
+The state-fidelity workload (tests/workload) runs inside the CT and verifies every item of the
+reference page's list itself; a client outside the CT keeps an established TCP connection open across
+every checkpoint and checks each byte comes back in order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import VzRoot
+from workload.build import build_fidelity
+from workload.client import EchoStream, FidelityClient, failures
+
+pytestmark = pytest.mark.root
+PORT = 7000
+CAP_SYS_RESOURCE = 24
+
+
+def root_has_cap_sys_resource() -> bool:
+    status = Path("/proc/self/status").read_text()
+    return bool(int(status.split("CapEff:")[1].split()[0], 16) & (1 << CAP_SYS_RESOURCE))
+
+
+@pytest.fixture
+def fidelity_ct(vzroot: VzRoot, tmp_path_factory: pytest.TempPathFactory):
+    """CT 101 running the fidelity workload as a service, with an echo connection from the host."""
+    binary = build_fidelity(tmp_path_factory.getbasetemp() / "workload")
+    ip = vzroot.new_ip()
+    vzroot.run("create", "101", "--ostemplate", "minimal", "--ipadd", ip, "--hostname", "fid.test", check=True)
+    shutil.copy(binary, vzroot.private("101") / "usr" / "bin" / "fidelity")
+    # Without CAP_SYS_RESOURCE (this host) CRIU cannot read a non-root task's rlimits: -r keeps uid 0
+    flags = "" if root_has_cap_sys_resource() else "-r "
+    vzroot.add_service("101", "fidelity", f"exec /usr/bin/fidelity {flags}{PORT}")
+    vzroot.run("start", "101", check=True)
+    client = FidelityClient(ip, PORT)
+    client.wait_ready(timeout=20)
+    echo = EchoStream(ip, PORT + 1)
+    echo.exchange(64 * 1024)
+    try:
+        yield vzroot, "101", ip, client, echo
+    finally:
+        echo.close()
+
+
+def assert_all_ok(client: FidelityClient) -> None:
+    result = client.verify()
+    assert len(result) == 17
+    assert failures(result) == {}, failures(result)
+
+
+def stage_of(vz: VzRoot, ctid: str) -> str:
+    return json.loads(vz.run("status", "--json", ctid, check=True).stdout)["status"]
+
+
+def test_chkpnt_then_restore_keeps_every_item_and_the_tcp_connection(fidelity_ct) -> None:
+    vz, ctid, _ip, client, echo = fidelity_ct
+    assert_all_ok(client)
+    result = vz.run("chkpnt", ctid)
+    assert result.returncode == 0, result.stderr
+    dump = vz.base / "dump" / f"Dump.{ctid}"
+    assert dump.stat().st_mode & 0o777 == 0o600
+    assert stage_of(vz, ctid) == "stopped"
+    info = vz.run("dumpinfo", str(dump), check=True).stdout
+    assert f"CT {ctid}" in info and "fidelity" in info
+
+    result = vz.run("restore", ctid)
+    assert result.returncode == 0, result.stderr
+    assert stage_of(vz, ctid) == "running"
+    echo.exchange(256 * 1024)  # the same connection, every byte in order, no reset
+    assert_all_ok(client)
+    assert dump.exists(), "restore must keep the dump file"
+
+
+def test_staged_chkpnt_and_restore_as_separate_invocations(fidelity_ct) -> None:
+    vz, ctid, ip, client, echo = fidelity_ct
+    dump = vz.base / "staged.dump"
+    assert vz.run("chkpnt", ctid, "--suspend").returncode == 0
+    assert stage_of(vz, ctid) == "suspended"
+    with pytest.raises(OSError):  # frozen and locked: peers see silence, not a reset
+        FidelityClient(ip, PORT, timeout=1).ping()
+    assert vz.run("chkpnt", ctid, "--dump", "--dumpfile", str(dump)).returncode == 0
+    assert stage_of(vz, ctid) == "dumped" and dump.exists()
+    assert vz.run("chkpnt", ctid, "--kill").returncode == 0
+    assert stage_of(vz, ctid) == "stopped"
+
+    assert vz.run("restore", ctid, "--undump", "--dumpfile", str(dump)).returncode == 0
+    assert stage_of(vz, ctid) == "undumped"
+    with pytest.raises(OSError):
+        FidelityClient(ip, PORT, timeout=1).ping()
+    assert vz.run("restore", ctid, "--resume").returncode == 0
+    assert stage_of(vz, ctid) == "running"
+    echo.exchange(128 * 1024)
+    assert_all_ok(client)
+
+
+def test_snapshot_leaves_the_ct_running_and_stays_restorable_with_fs(fidelity_ct) -> None:
+    vz, ctid, _ip, client, echo = fidelity_ct
+    plain, with_fs = vz.base / "plain.dump", vz.base / "withfs.dump"
+    assert vz.run("chkpnt", ctid, "--snapshot", "--dumpfile", str(plain)).returncode == 0
+    assert stage_of(vz, ctid) == "running"
+    echo.exchange(64 * 1024)
+    assert_all_ok(client)
+    assert (
+        vz.run("chkpnt", ctid, "--suspend", "--dump", "--resume", "--with-fs", "--dumpfile", str(with_fs)).returncode
+        == 0
+    )
+    assert_all_ok(client)
+    vz.run("exec", ctid, "sh", "-c", "echo changed > /etc/motd", check=True)
+    vz.run("stop", ctid, check=True)
+    echo.close()
+
+    refused = vz.run("restore", ctid, "--dumpfile", str(plain))
+    assert refused.returncode == 17 and "/etc/motd" in refused.stderr and "--skip-fs-check" in refused.stderr
+    assert stage_of(vz, ctid) == "stopped"
+
+    assert vz.run("restore", ctid, "--dumpfile", str(with_fs)).returncode == 0
+    assert not (vz.private(ctid) / "etc" / "motd").exists(), "--with-fs must put the files back first"
+    assert_all_ok(client)
+
+
+def test_stages_out_of_order_are_refused_before_anything_changes(fidelity_ct) -> None:
+    vz, ctid, _, client, _ = fidelity_ct
+    for args, words in (
+        (["chkpnt", ctid, "--dump"], "`vzpy chkpnt 101 --suspend`"),
+        (["chkpnt", ctid, "--kill"], "allowed next"),
+        (["chkpnt", ctid, "--resume"], "allowed next"),
+        (["restore", ctid, "--resume"], "allowed next"),
+        (["restore", ctid, "--undump"], "running"),
+    ):
+        result = vz.run(*args)
+        assert result.returncode == 16, (args, result.stderr)
+        assert words in result.stderr and "CT 101 is running" in result.stderr
+    assert stage_of(vz, ctid) == "running"
+    assert vz.run("chkpnt", ctid, "--kill", "--resume").returncode == 20
+    vz.run("chkpnt", ctid, "--suspend", check=True)
+    again = vz.run("chkpnt", ctid, "--suspend")
+    assert again.returncode == 16 and "CT 101 is suspended" in again.stderr and "--dump" in again.stderr
+    vz.run("chkpnt", ctid, "--resume", check=True)
+    assert_all_ok(client)
+
+
+def test_bad_dump_files_are_refused_and_change_nothing(fidelity_ct, tmp_path: Path) -> None:
+    vz, ctid, _, _, _ = fidelity_ct
+    vz.run("chkpnt", ctid, check=True)
+    good = vz.base / "dump" / f"Dump.{ctid}"
+    data = good.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "corrupt": data[: len(data) - 4096] + bytes([data[-4096] ^ 0xFF]) + data[len(data) - 4095 :],
+        "foreign": os.urandom(4096),
+        "empty": b"",
+    }
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.dump"
+        bad.write_bytes(content)
+        result = vz.run("restore", ctid, "--dumpfile", str(bad))
+        assert result.returncode == 17, (name, result.stderr)
+        assert result.stderr.startswith("vzpy: error: ") and "dump file" in result.stderr, (name, result.stderr)
+        assert stage_of(vz, ctid) == "stopped", name
+        assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}").exists(), name
+    missing = vz.run("restore", ctid, "--dumpfile", str(tmp_path / "nope"))
+    assert missing.returncode == 17 and "nope" in missing.stderr
+    assert good.read_bytes() == data
+
+
+def test_restore_on_a_second_root_with_the_same_files(fidelity_ct, tmp_path: Path) -> None:
+    vz, ctid, _ip, client, _ = fidelity_ct
+    vz.run("chkpnt", ctid, check=True)
+    other = VzRoot(tmp_path / "other", "second")
+    try:
+        (other.base / "private").mkdir(parents=True)
+        subprocess.run(["cp", "-a", str(vz.private(ctid)), str(other.private(ctid))], check=True)
+        dump = vz.base / "dump" / f"Dump.{ctid}"
+        result = other.run("restore", ctid, "--dumpfile", str(dump))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(other.run("status", "--json", ctid).stdout)["status"] == "running"
+        assert_all_ok(client)
+        cgroup = Path(f"/proc/{other.state(ctid)['init_pid']}/cgroup").read_text()
+        assert f"{other.cgroup_parent}/{ctid}" in cgroup
+        other.run("stop", ctid, check=True)
+
+        (other.private(ctid) / "etc" / "hostname").write_text("tampered\n")
+        refused = other.run("restore", ctid, "--dumpfile", str(dump))
+        assert refused.returncode == 17 and "/etc/hostname" in refused.stderr
+    finally:
+        other.cleanup()
+
+
+def test_failed_dump_resumes_the_ct(fidelity_ct, tmp_path: Path) -> None:
+    vz, ctid, _, client, echo = fidelity_ct
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        result = vz.run("chkpnt", ctid, "--dumpfile", str(small / "Dump"))
+        assert result.returncode in (16, 46), result.stderr
+        assert "space" in result.stderr
+        assert stage_of(vz, ctid) == "running"
+        assert not list(small.iterdir()), "a failed dump must leave no partial file"
+        echo.exchange(16 * 1024)
+        assert_all_ok(client)
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_failed_restore_kills_partial_processes_and_keeps_the_dump(fidelity_ct) -> None:
+    vz, ctid, _, _, _ = fidelity_ct
+    vz.run("chkpnt", ctid, check=True)
+    dump = vz.base / "dump" / f"Dump.{ctid}"
+    before = dump.read_bytes()
+    binary = vz.private(ctid) / "usr" / "bin" / "fidelity"
+    binary.rename(binary.with_name("moved"))  # a file the dumped processes map is gone
+    result = vz.run("restore", ctid, "--skip-fs-check")
+    assert result.returncode == 17
+    assert "CRIU log:" in result.stderr and "Error" in result.stderr
+    assert stage_of(vz, ctid) == "stopped"
+    assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}").exists()
+    assert dump.read_bytes() == before
+    binary.with_name("moved").rename(binary)
+    assert vz.run("restore", ctid).returncode == 0
+
+
+def test_a_killed_vzpy_leaves_a_recoverable_stage(fidelity_ct) -> None:
+    vz, ctid, _ip, client, _ = fidelity_ct
+    freezer = Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}/freezer.state")
+    freezer.write_text("FROZEN")  # as if vzpy died right after freezing, before saving the stage
+    assert stage_of(vz, ctid) == "suspended"
+    assert vz.run("chkpnt", ctid, "--resume").returncode == 0
+    assert_all_ok(client)
+
+    vz.run("chkpnt", ctid, check=True)
+    restore = subprocess.Popen(["vzpy", "restore", ctid, "--undump"], env=vz.env)
+    deadline = time.monotonic() + 30
+    while not (freezer.exists() and freezer.read_text().strip() == "FROZEN"):
+        assert time.monotonic() < deadline and restore.poll() is None
+        time.sleep(0.002)
+    restore.send_signal(signal.SIGKILL)
+    restore.wait()
+    stage = stage_of(vz, ctid)
+    assert stage in ("undumped", "stopped")
+    if stage == "undumped":
+        assert vz.run("restore", ctid, "--kill").returncode == 0
+    assert stage_of(vz, ctid) == "stopped"
+    assert vz.run("restore", ctid).returncode == 0
+    assert_all_ok(client)

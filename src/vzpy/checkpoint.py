@@ -30,6 +30,7 @@ Progress = Callable[[str], None]
 FS_MEMBER = "fs.tar.zst"
 # Paths the CT's own init rewrites at every start: never a reason to refuse a restore.
 FS_EXCLUDE = ("run/vzpy-init.ready",)
+RAM_DIR = Path("/dev/shm")
 
 
 def plan(ct: Container, actions: Sequence[Action]) -> None:
@@ -51,14 +52,23 @@ def log_dir(ct: Container) -> Path:
 
 
 @contextmanager
-def work_dir(near: Path, ctid: str, purpose: str) -> Iterator[Path]:
-    """A 0700 scratch dir beside `near` (same filesystem, so big images are not copied twice)."""
-    near.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = Path(tempfile.mkdtemp(prefix=f".vzpy-{purpose}-{ctid}-", dir=near))
+def work_dir(near: Path, ctid: str, purpose: str, *, size: int) -> Iterator[Path]:
+    """A 0700 scratch dir for CRIU's images: in RAM (/dev/shm) when `size` bytes fit comfortably, else beside
+    `near`. CRIU then writes memory to memory, and the dump file is the only copy that goes to disk."""
+    base = RAM_DIR if _fits_in_ram(size) else near
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = Path(tempfile.mkdtemp(prefix=f".vzpy-{purpose}-{ctid}-", dir=base))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _fits_in_ram(size: int) -> bool:
+    if not RAM_DIR.is_dir():
+        return False
+    available = psutil.virtual_memory().available
+    return size * 2 < min(shutil.disk_usage(RAM_DIR).free, available)
 
 
 # --- chkpnt stages
@@ -79,8 +89,14 @@ def suspend(ct: Container, progress: Progress) -> None:
     progress(f"CT {ct.ctid} suspended (frozen, network locked)")
 
 
-def dump(ct: Container, path: Path, *, compress: bool, with_fs: bool, progress: Progress) -> dumpfile.Manifest:
-    """Write the suspended CT's state to `path`; it stays suspended. On failure it is resumed."""
+def dump(
+    ct: Container, path: Path, *, compress: bool, with_fs: bool, progress: Progress, then_resume: bool = False
+) -> dumpfile.Manifest:
+    """Write the suspended CT's state to `path`; it stays suspended. On failure it is resumed.
+
+    With then_resume (a snapshot), the CT is resumed as soon as CRIU's images and the filesystem state
+    are taken, and the dump file is packed while it runs: the frozen time is CRIU's alone.
+    """
     state = ct.load_state()
     transition(ct.ctid, ct.stage(), Action.DUMP)
     if path.parent == ct.gconf.dumpdir:
@@ -89,7 +105,7 @@ def dump(ct: Container, path: Path, *, compress: bool, with_fs: bool, progress: 
         raise ChkpntError(f"directory {path.parent} for the dump file does not exist; create it or pick another")
     started = time.monotonic()
     try:
-        with work_dir(path.parent, ct.ctid, "dump") as work:
+        with work_dir(path.parent, ct.ctid, "dump", size=_memory_usage(ct)) as work:
             images = work / "images"
             images.mkdir(mode=0o700)
             processes = _processes(ct)
@@ -100,13 +116,16 @@ def dump(ct: Container, path: Path, *, compress: bool, with_fs: bool, progress: 
                 fsstate.archive_tree(ct.private, work / FS_MEMBER)
                 extra[FS_MEMBER] = work / FS_MEMBER
             manifest = _manifest(ct, processes, with_fs)
+            if then_resume:
+                progress(f"CT {ct.ctid} resumed; it was frozen for {_wake(ct, state):.3f}s")
             manifest = dumpfile.write_dumpfile(path, images, manifest, extra_members=extra, compress=compress)
     except BaseException:
         _wake(ct, state)
         raise
-    state.stage = Stage.DUMPED
-    state.dumpfile = str(path)
-    ct.save_state(state)
+    if not then_resume:
+        state.stage = Stage.DUMPED
+        state.dumpfile = str(path)
+        ct.save_state(state)
     progress(
         f"CT {ct.ctid} dumped to {path} ({manifest.memory_bytes >> 20} MiB of memory) in "
         f"{time.monotonic() - started:.2f}s; it stays suspended"
@@ -167,6 +186,13 @@ def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
     )
 
 
+def _memory_usage(ct: Container) -> int:
+    try:
+        return int(ct.cgroups.read("memory", "memory.usage_in_bytes"))
+    except (OSError, ValueError):
+        return 1 << 40  # unknown: do not bet RAM on it
+
+
 def _processes(ct: Container) -> list[dict[str, object]]:
     result = []
     for pid in ct.cgroups.pids():
@@ -195,19 +221,20 @@ def _manifest(ct: Container, processes: list[dict[str, object]], with_fs: bool) 
 def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress) -> int:
     """Recreate the CT's processes from `path`, frozen with the network locked. Returns the init pid."""
     transition(ct.ctid, ct.stage(), Action.UNDUMP)
-    manifest = dumpfile.verify(path)  # a truncated, corrupt or foreign file changes nothing
+    manifest = dumpfile.read_manifest(path)
     _check_compatible(ct, manifest)
     started = time.monotonic()
-    with work_dir(ct.gconf.dumpdir, ct.ctid, "restore") as work:
+    size = sum(m.size for m in manifest.members.values())
+    with work_dir(ct.gconf.dumpdir, ct.ctid, "restore", size=size) as work:
+        # extracting verifies every member: a truncated or corrupt file is refused here, before any change
+        dumpfile.extract(path, work)
         if manifest.with_fs:
-            dumpfile.extract(path, work, only=[FS_MEMBER])
             fsstate.restore_tree(work / FS_MEMBER, ct.private)
+            (work / FS_MEMBER).unlink()
             progress(f"CT {ct.ctid}'s files put back from the dump file")
         elif not skip_fs_check:
             _check_fs(ct, manifest)
-        images = work / "images"
-        dumpfile.extract(path, images, only=[m for m in manifest.members if m != FS_MEMBER])
-        init_pid = _restore_frozen(ct, images)
+        init_pid = _restore_frozen(ct, work)
     progress(f"CT {ct.ctid} restored from {path} in {time.monotonic() - started:.2f}s (frozen, network locked)")
     return init_pid
 

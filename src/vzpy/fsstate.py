@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from vzpy import proc
-from vzpy.errors import ChkpntError, PrivateNotFound, RestoreError, VzError
+from vzpy.errors import ChkpntError, PrivateNotFound, RestoreError, SystemError_, VzError
 
 FORMAT = 1
 HASH_BYTES = 16  # sha256 truncated: sha256 runs at ~1 GB/s with SHA-NI, blake2b at ~0.3 GB/s here
@@ -213,6 +213,10 @@ class _Walker:
 
     def _add(self, rel: str, path: str, st: os.stat_result) -> bool:
         """Record one object; True when it is a directory to descend into."""
+        if stat.S_ISSOCK(st.st_mode):
+            # a bound unix socket's file holds no data, and CRIU unlinks and re-binds it at every restore
+            # (also a failed one): recording it would refuse restores over nothing
+            return False
         kind = _KINDS.get(stat.S_IFMT(st.st_mode), "?")
         if kind == "d" and rel and (st.st_dev != self.dev or path in self.mounts):
             kind = MOUNT
@@ -349,8 +353,15 @@ class Fingerprint:
 def fingerprint(root: Path, *, deep: bool = False, exclude: Iterable[str] = ()) -> Fingerprint:
     """Fingerprint the tree at root: metadata (rsync's size + mtime quick check) or, deep, contents and xattrs too."""
     exclude = tuple(exclude)
-    entries = _Walker(root, deep=deep, excluder=_Excluder(exclude), ctimes=False).run()
-    return Fingerprint(tuple(entries), deep, exclude)
+    walker = _Walker(root, deep=deep, excluder=_Excluder(exclude), ctimes=False)
+    return Fingerprint(tuple(_walk(walker, SystemError_)), deep, exclude)
+
+
+def _walk(walker: _Walker, error: type[VzError]) -> list[Entry]:
+    try:
+        return walker.run()
+    except OSError as e:
+        raise error(f"cannot read {walker.root}: {e}") from e
 
 
 # --- comparing
@@ -641,7 +652,7 @@ def archive_tree(root: Path, out: Path, *, previous: Path | None = None) -> Arch
     """
     started, clock = time.time_ns(), time.monotonic()
     walker = _Walker(root, deep=False, excluder=_Excluder(()), ctimes=True)
-    entries = walker.run()
+    entries = _walk(walker, ChkpntError)
     assert walker.ctimes is not None
     base = _delta_base(previous)
     try:
@@ -742,7 +753,10 @@ def restore_tree(archive: Path, root: Path) -> None:
     """
     root = Path(os.path.abspath(root))
     chain = _chain(archive)
-    work = Path(tempfile.mkdtemp(prefix=f".{root.name}.vzpy-restore-", dir=root.parent))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{root.name}.vzpy-restore-", dir=root.parent))
+    except OSError as e:
+        raise RestoreError(f"cannot restore {root}: {e}") from e
     try:
         tree = work / TREE
         for part, meta in chain:
@@ -759,4 +773,7 @@ def restore_tree(archive: Path, root: Path) -> None:
     except OSError as e:
         raise RestoreError(f"cannot restore {root} from {archive}: {e}") from e
     finally:
-        _rmtree(work)
+        try:
+            _rmtree(work)
+        except OSError:
+            pass  # the restore itself is done (or failed for its own reason): a leftover is only litter

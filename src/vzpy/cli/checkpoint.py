@@ -44,9 +44,7 @@ unless the dump was made with --with-fs, whose files are put back first.
 @click.option("--resume", "do_resume", is_flag=True, help="Let the suspended/dumped CT run on.")
 @click.option("--snapshot", "--leave-running", "snapshot", is_flag=True, help="--suspend --dump --resume.")
 @click.option("--compress", is_flag=True, help="zstd-compress the dump file.")
-@click.option(
-    "--with-fs", is_flag=True, help="Also store the CT's files: the dump stays restorable after they change."
-)
+@click.option("--with-fs", is_flag=True, help="Also store the CT's files: the dump stays restorable after they change.")
 @pass_app
 def chkpnt(
     app: App,
@@ -66,11 +64,14 @@ def chkpnt(
     with app.locked(ct, "chkpnt"):
         checkpoint.plan(ct, actions)
         path = checkpoint.dumpfile_for(ct, dumpfile)
-        for action in actions:
+        snapshot = actions[-2:] == [Action.DUMP, Action.RESUME]
+        for action in actions[:-1] if snapshot else actions:
             if action is Action.SUSPEND:
                 checkpoint.suspend(ct, app.progress)
             elif action is Action.DUMP:
-                checkpoint.dump(ct, path, compress=compress, with_fs=with_fs, progress=app.progress)
+                checkpoint.dump(
+                    ct, path, compress=compress, with_fs=with_fs, progress=app.progress, then_resume=snapshot
+                )
             elif action is Action.KILL:
                 checkpoint.kill(ct, app.progress)
             else:

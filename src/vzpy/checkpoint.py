@@ -105,11 +105,11 @@ def dump(
         raise ChkpntError(f"directory {path.parent} for the dump file does not exist; create it or pick another")
     started = time.monotonic()
     try:
-        with work_dir(path.parent, ct.ctid, "dump", size=_memory_usage(ct)) as work:
+        with work_dir(path.parent, ct.ctid, "dump", size=memory_usage(ct)) as work:
             images = work / "images"
             images.mkdir(mode=0o700)
             processes = _processes(ct)
-            _criu(ct).dump(_dump_options(ct, state, images))
+            dump_images(ct, images)
             progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {path}")
             extra = {}
             if with_fs:
@@ -135,7 +135,7 @@ def dump(
 
 def kill(ct: Container, progress: Progress) -> None:
     transition(ct.ctid, ct.stage(), Action.KILL)
-    _stop(ct)
+    restore_kill_any(ct)
     progress(f"CT {ct.ctid} killed; its dump file is kept")
 
 
@@ -144,6 +144,11 @@ def resume(ct: Container, progress: Progress) -> None:
     transition(ct.ctid, ct.stage(), Action.RESUME)
     frozen = _wake(ct, state)
     progress(f"CT {ct.ctid} resumed; it was frozen for {frozen:.3f}s")
+
+
+def wake(ct: Container) -> float:
+    """Let a frozen (suspended or undumped) CT run: network unlocked, thawed. Returns the frozen time."""
+    return _wake(ct, ct.load_state())
 
 
 def _wake(ct: Container, state: RunState) -> float:
@@ -162,11 +167,20 @@ def _wake(ct: Container, state: RunState) -> float:
     return frozen
 
 
-def _stop(ct: Container) -> None:
+def restore_kill_any(ct: Container) -> None:
+    """Kill whatever runs of the CT, at any stage, and clean up: it is stopped."""
     if ct.cgroups.exists():
         lifecycle.kill_all(ct)
     lifecycle.cleanup_leftovers(ct, ct.load_state())
     ct.clear_state()
+
+
+def dump_images(ct: Container, images: Path, page_server: tuple[str, int] | None = None) -> None:
+    """CRIU's images of the suspended CT into `images` (it stays frozen); with page_server, the memory
+    pages go there instead (a page server on the destination of a migration)."""
+    options = _dump_options(ct, ct.load_state(), images)
+    options.page_server = page_server
+    _criu(ct).dump(options)
 
 
 def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
@@ -186,7 +200,7 @@ def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
     )
 
 
-def _memory_usage(ct: Container) -> int:
+def memory_usage(ct: Container) -> int:
     try:
         return int(ct.cgroups.read("memory", "memory.usage_in_bytes"))
     except (OSError, ValueError):
@@ -209,7 +223,7 @@ def _manifest(ct: Container, processes: list[dict[str, object]], with_fs: bool) 
         ctid=ct.ctid,
         criu_version=str(binary.version),
         ct_config=ct.conf.text(),
-        fs_fingerprint=fsstate.fingerprint(ct.private, exclude=FS_EXCLUDE).to_json(),
+        fs_fingerprint=fs_fingerprint(ct),
         processes=processes,
         with_fs=with_fs,
     )
@@ -234,7 +248,7 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
             progress(f"CT {ct.ctid}'s files put back from the dump file")
         elif not skip_fs_check:
             _check_fs(ct, manifest)
-        init_pid = _restore_frozen(ct, work)
+        init_pid = restore_images(ct, work)
     progress(f"CT {ct.ctid} restored from {path} in {time.monotonic() - started:.2f}s (frozen, network locked)")
     return init_pid
 
@@ -248,11 +262,11 @@ def restore_resume(ct: Container, progress: Progress) -> None:
 
 def restore_kill(ct: Container, progress: Progress) -> None:
     transition(ct.ctid, ct.stage(), Action.RESTORE_KILL)
-    _stop(ct)
+    restore_kill_any(ct)
     progress(f"CT {ct.ctid} killed; it is stopped and its dump file is kept")
 
 
-def _restore_frozen(ct: Container, images: Path) -> int:
+def restore_images(ct: Container, images: Path) -> int:
     # persisted first: a vzpy killed during the restore leaves a stage `restore --kill` can clean up
     ct.save_state(RunState(stage=Stage.STOPPED, pending="undump", veth=ct.veth, ips=ct.ips))
     cgroups = ct.cgroups
@@ -270,7 +284,7 @@ def _restore_frozen(ct: Container, images: Path) -> int:
         init_pid = _criu(ct).restore(_restore_options(ct, images), notify=on_notify)
         network.configure_host_side(ct.veth, ct.ips)
     except BaseException:
-        _stop(ct)
+        restore_kill_any(ct)
         raise
     ct.save_state(
         RunState(
@@ -307,6 +321,10 @@ def _check_compatible(ct: Container, manifest: dumpfile.Manifest) -> None:
     problems = dumpfile.cpu_compatible(manifest.cpu, dumpfile.host_cpu_info())
     if problems:
         raise RestoreError(f"this CPU cannot run CT {ct.ctid}'s processes: {'; '.join(problems)}")
+
+
+def fs_fingerprint(ct: Container) -> dict[str, object]:
+    return fsstate.fingerprint(ct.private, exclude=FS_EXCLUDE).to_json()
 
 
 def _check_fs(ct: Container, manifest: dumpfile.Manifest) -> None:

@@ -7,6 +7,7 @@ member it lost. It is written last into room reserved up front, so packing strea
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -48,6 +49,7 @@ ZSTD_LEVEL = 1
 ZSTD_THREADS = -1
 STORED_AS_IS = (".zst", ".gz", ".xz", ".bz2", ".lz4", ".zip")  # already compressed: zstd would only cost time
 PROGRESS_MIN = 64 << 20
+SYNC_FILE_RANGE_WRITE = 2
 _PLACEHOLDER = 10**20 - 1  # wider than any u64, so the real manifest never outgrows the room reserved for it
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.@+:=-]{1,255}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -483,12 +485,23 @@ def _copy_chunk(src: int, dst: int, src_off: int, dst_off: int, count: int) -> i
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
-    # DONTNEED starts writeback of dirty pages (and drops none of them), so the disk works while we copy
-    # and the final fsync has little left to wait for.
+    """Have the disk start on what was just written, so that the final fsync has little left to wait for."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length), SYNC_FILE_RANGE_WRITE)
+
+
+def _load_sync_file_range() -> Any:
+    # Not in the os module. Unlike posix_fadvise(DONTNEED), it starts writeback without evicting pages that
+    # are already clean, so a restore on this host finds the dump file in the page cache.
     try:
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass  # only a head start: fsync still writes everything
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -602,8 +615,9 @@ def verify(path: Path) -> Manifest:
     """Check every member's size and sha256 too; writes nothing anywhere."""
     path = Path(path)
     with _open_dump(path) as (fd, manifest), ThreadPoolExecutor(2, thread_name_prefix="vzpy-verify") as pool:
-        digests = pool.map(lambda m: _member_digest(path, fd, m, None), manifest.members.items())
-        for (name, member), (size, sha256) in zip(manifest.members.items(), digests, strict=True):
+        items = [(name, manifest.members[name]) for name in _in_file_order(manifest, manifest.members)]
+        digests = pool.map(lambda item: _member_digest(path, fd, item, None), items)
+        for (name, member), (size, sha256) in zip(items, digests, strict=True):
             _check_member(path, name, member, size, sha256)
     return manifest
 
@@ -629,13 +643,16 @@ def extract(path: Path, dest_dir: Path, *, only: Iterable[str] | None = None) ->
 
 
 def _select(path: Path, manifest: Manifest, only: Iterable[str] | None) -> list[str]:
-    if only is None:
-        return list(manifest.members)
-    names = list(dict.fromkeys(only))
+    names = manifest.members if only is None else dict.fromkeys(only)
     for name in names:
         if name not in manifest.members:
             raise RestoreError(f"{path}: the dump file has no member {name}")
-    return names
+    return _in_file_order(manifest, names)
+
+
+def _in_file_order(manifest: Manifest, names: Iterable[str]) -> list[str]:
+    """The manifest lists members by name; reading them by offset keeps a cold file's reads sequential."""
+    return sorted(names, key=lambda name: manifest.members[name].offset)
 
 
 def _make_dest(dest_dir: Path) -> bool:
@@ -718,7 +735,11 @@ def _open_dump(path: Path) -> Iterator[tuple[int, Manifest]]:
     except OSError as e:
         raise RestoreError(f"cannot read dump file {path}: {_os_text(e)}") from e
     try:
-        yield fd, _check_structure(path, fd)
+        try:
+            manifest = _check_structure(path, fd)
+        except OSError as e:  # a directory opens fine but does not read
+            raise RestoreError(f"cannot read dump file {path}: {_os_text(e)}") from e
+        yield fd, manifest
     finally:
         os.close(fd)
 

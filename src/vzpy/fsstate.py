@@ -282,10 +282,29 @@ def _encode(entries: Sequence[Entry]) -> bytes:
         "target": [[i, e.target] for i, e in enumerate(entries) if e.target],
         "rdev": [[i, e.rdev] for i, e in enumerate(entries) if e.rdev],
         "link": [[i, index[e.link]] for i, e in enumerate(entries) if e.link],
-        "hash": [[i, e.hash] for i, e in enumerate(entries) if e.hash],
+        "hash": _pack_hashes(entries),
         "xattrs": [[i, e.xattrs] for i, e in enumerate(entries) if e.xattrs],
     }
     return json.dumps(columns, separators=(",", ":"), sort_keys=True).encode()
+
+
+def _pack_hashes(entries: Sequence[Entry]) -> str:
+    """A deep fingerprint's file digests, raw and back to back: near the size of the digests themselves."""
+    digests = [e.hash for e in entries if e.kind == "f"]
+    if not any(digests):
+        return ""
+    if any(len(d) != 2 * HASH_BYTES for d in digests):
+        raise ValueError("a deep fingerprint needs the digest of every regular file")
+    return base64.b64encode(bytes.fromhex("".join(digests))).decode("ascii")
+
+
+def _unpack_hashes(packed: str, kinds: str) -> dict[int, str]:
+    raw = base64.b64decode(packed, validate=True).hex()
+    files = [i for i, kind in enumerate(kinds) if kind == "f"] if raw else []
+    if len(raw) != 2 * HASH_BYTES * len(files):
+        raise ValueError("file digests do not match the entries")
+    width = 2 * HASH_BYTES
+    return {i: raw[n * width : (n + 1) * width] for n, i in enumerate(files)}
 
 
 def _decode(data: bytes) -> tuple[Entry, ...]:
@@ -294,7 +313,8 @@ def _decode(data: bytes) -> tuple[Entry, ...]:
     for common, rest in zip(c["prefix"], c["suffix"], strict=True):
         previous = previous[:common] + rest
         paths.append(previous)
-    sparse: dict[str, dict[int, Any]] = {name: dict(c[name]) for name in ("target", "rdev", "link", "hash", "xattrs")}
+    sparse: dict[str, dict[int, Any]] = {name: dict(c[name]) for name in ("target", "rdev", "link", "xattrs")}
+    hashes = _unpack_hashes(c["hash"], c["kind"])
     columns = zip(paths, c["kind"], c["mode"], c["uid"], c["gid"], c["size"], c["mtime"], strict=True)
     return tuple(
         Entry(
@@ -302,7 +322,7 @@ def _decode(data: bytes) -> tuple[Entry, ...]:
             sparse["target"].get(i, ""),
             sparse["rdev"].get(i, 0),
             paths[sparse["link"][i]] if i in sparse["link"] else "",
-            sparse["hash"].get(i, ""),
+            hashes.get(i, ""),
             sparse["xattrs"].get(i, ""),
         )
         for i, fields in enumerate(columns)

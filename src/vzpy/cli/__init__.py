@@ -67,4 +67,4 @@ def main() -> None:
     sys.exit(code or 0)
 
 
-from vzpy.cli import check, checkpoint, lifecycle, template  # noqa: E402, F401 - register commands
+from vzpy.cli import check, checkpoint, lifecycle, migrate, template  # noqa: E402, F401 - register commands

@@ -157,3 +157,38 @@ def routed_ips() -> dict[str, str]:
             if route["dst_len"] == 32 and route.get_attr("RTA_DST"):
                 result[route.get_attr("RTA_DST")] = names.get(route.get_attr("RTA_OIF"), "")
     return result
+
+
+def announce(ip: str) -> list[str]:
+    """Gratuitous ARP for `ip` from every up, addressed, non-veth interface of this host, so that peers
+    move their ARP entry to this host at once (vzctl's venet scripts do the same after a migration).
+    Returns the interfaces it was sent on."""
+    parsed = parse_ip(ip)
+    if parsed.version != 4:
+        return []
+    sent = []
+    with IPRoute() as ipr:
+        addressed = {a["index"] for a in ipr.get_addr(family=2)}
+        for link in ipr.get_links():
+            name, mac = link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS")
+            if link["index"] in addressed and _announceable(link, name, mac):
+                _send_garp(name, mac, parsed.packed)
+                sent.append(name)
+    return sent
+
+
+def _announceable(link: object, name: str, mac: str | None) -> bool:
+    up = link["flags"] & 1  # type: ignore[index]
+    return bool(up) and name != "lo" and not name.startswith("veth") and mac not in (None, "00:00:00:00:00:00")
+
+
+def _send_garp(ifname: str, mac: str, ip: bytes) -> None:
+    import socket
+
+    hw = bytes.fromhex(mac.replace(":", ""))
+    broadcast = b"\xff" * 6
+    # Ethernet + ARP request (op 1) with sender = target = the CT's address: every Linux peer updates on it
+    frame = broadcast + hw + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x01" + hw + ip + b"\x00" * 6 + ip
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as raw:
+        raw.bind((ifname, 0))
+        raw.send(frame)

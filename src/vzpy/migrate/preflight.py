@@ -1,0 +1,255 @@
+"""Preflight: can this CT go to that destination? Decided from the agent's `hello` and `ct_exists` replies
+and the source's own facts, before anything is copied.
+
+check() returns every problem found (an empty list: go); a problem whose check the operator skipped with
+--nodeps is still returned, marked skipped, so it can be shown as ignored. Check names (for --nodeps):
+version, criu, ctid, disk_space, cpu, ip.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vzpy.migrate import (
+    CtExistsRemote,
+    DestinationNotReady,
+    IncompatibleVersion,
+    IpInUseRemote,
+    MigrateError,
+    MigrateUsage,
+    MigrationLocked,
+    NoDiskSpaceRemote,
+    UnsupportedCpu,
+)
+from vzpy.migrate.protocol import PROTOCOL_VERSION, parse_version
+
+CHECKS = ("version", "criu", "ctid", "disk_space", "cpu", "ip")
+CPUINFO = Path("/proc/cpuinfo")
+MiB = 1 << 20
+# Images besides memory pages (process tree, fds, mounts, sockets...), and room left over on the filesystem.
+DUMP_OVERHEAD = 32 * MiB
+DISK_MARGIN = 64 * MiB
+DUMP_FACTOR = 1.1
+# x86 flags naming instructions user space may pick at run time (glibc's ifuncs, JITs, crypto libraries):
+# a restored process that chose AVX2 at start dies with SIGILL on a CPU without it. The rest of
+# /proc/cpuinfo's flags (bugs, power management, virtualization, kernel-only features) do not matter.
+_X86_ISA = """
+fpu cx8 cmov mmx fxsr sse sse2 pni ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand abm lahf_lm
+sse4a misalignsse 3dnowprefetch xop fma4 tbm lzcnt bmi1 avx2 bmi2 erms rtm hle rdseed adx clflushopt clwb sha_ni
+xsaveopt xsavec xgetbv1 xsaves fsgsbase pclmulqdq vaes vpclmulqdq gfni avx_vnni avx_ifma avx_vnni_int8
+avx_ne_convert cmpccxadd movdiri movdir64b serialize waitpkg fsrm fzrm fsrs fsrc rdpid pku ospke clzero mwaitx
+cldemote
+"""
+X86_ISA_FLAGS = frozenset(_X86_ISA.split())
+X86_ISA_PREFIXES = ("avx512", "amx_")
+X86_MACHINES = frozenset({"x86_64", "i386", "i486", "i586", "i686"})
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What preflight needs to know about the CT and the source host."""
+
+    ctid: str
+    private_bytes: int
+    memory_bytes: int = 0
+    cpu_flags: frozenset[str] = frozenset()
+    machine: str = field(default_factory=platform.machine)
+    ips: tuple[str, ...] = ()
+    online: bool = True
+
+
+@dataclass(frozen=True)
+class Problem:
+    check: str
+    message: str
+    error: type[MigrateError]
+    skipped: bool = False
+
+    def as_error(self) -> MigrateError:
+        return self.error(self.message)
+
+
+# --- source facts ----------------------------------------------------------------------------------------
+
+
+def read_cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The first CPU's flags (x86 `flags`, arm64 `Features`) from /proc/cpuinfo."""
+    return parse_cpu_flags(cpuinfo.read_text(errors="replace"))
+
+
+def parse_cpu_flags(text: str) -> frozenset[str]:
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def read_cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() in ("model name", "CPU part"):
+            return value.strip()
+    return ""
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes a tree occupies on disk (allocated blocks, hard links once, no symlink following): what
+    copying it needs, sparse files counted as rsync -S writes them."""
+    total, seen = 0, set()
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total + os.lstat(path).st_blocks * 512
+
+
+# --- --nodeps ----------------------------------------------------------------------------------------------
+
+
+def parse_nodeps(value: str | None) -> frozenset[str]:
+    """-f/--nodeps: "" or "all" skips every check, else a comma-separated list of CHECKS names."""
+    if value is None:
+        return frozenset()
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    if not names or names == {"all"}:
+        return frozenset(CHECKS)
+    unknown = sorted(names - set(CHECKS))
+    if unknown:
+        raise MigrateUsage(f"unknown --nodeps check {', '.join(unknown)}: use {', '.join(CHECKS)} or all")
+    return frozenset(names)
+
+
+# --- the checks --------------------------------------------------------------------------------------------
+
+
+def check(
+    hello: Mapping[str, Any],
+    exists: Mapping[str, Any],
+    source: SourceFacts,
+    *,
+    skip: Collection[str] = (),
+    host: str | None = None,
+) -> list[Problem]:
+    """Every problem between this CT and the destination described by `hello` and `exists` (the agent's
+    replies); [] means go. Problems of skipped checks come back with skipped=True."""
+    where = host or str(hello.get("hostname") or "the destination")
+    found = [
+        *_version(hello, where),
+        *(_criu(hello, where) if source.online else []),
+        *_ctid(exists, source.ctid, where),
+        *_disk_space(hello, source, where),
+        *(_cpu(hello, source, where) if source.online else []),
+        *_ip(exists, where),
+    ]
+    return [Problem(p.check, p.message, p.error, skipped=p.check in skip) for p in found]
+
+
+def blocking(problems: Iterable[Problem]) -> list[Problem]:
+    return [problem for problem in problems if not problem.skipped]
+
+
+def raise_blocking(problems: Iterable[Problem]) -> None:
+    """Raise the first problem not skipped (its exit code), listing the others below it."""
+    left = blocking(problems)
+    if left:
+        others = "\n".join(f"  also: {p.message}" for p in left[1:])
+        raise left[0].error(left[0].message, detail=others)
+
+
+def _version(hello: Mapping[str, Any], where: str) -> list[Problem]:
+    theirs = parse_version(hello.get("proto"))
+    if theirs[0] != PROTOCOL_VERSION[0]:
+        message = f"vzpy on {where} speaks migration protocol {theirs[0]}.x, this one {PROTOCOL_VERSION[0]}.x"
+        return [Problem("version", f"{message}: install the same vzpy version on both hosts", IncompatibleVersion)]
+    return []
+
+
+def _criu(hello: Mapping[str, Any], where: str) -> list[Problem]:
+    criu = hello.get("criu") or {}
+    if criu.get("ok"):
+        return []
+    why = criu.get("error") or "no usable CRIU"
+    return [Problem("criu", f"CRIU cannot restore on {where}: {why}", DestinationNotReady)]
+
+
+def _ctid(exists: Mapping[str, Any], ctid: str, where: str) -> list[Problem]:
+    if exists.get("exists"):
+        return [Problem("ctid", f"CT {ctid} already exists on {where} ({exists.get('conf')})", CtExistsRemote)]
+    if exists.get("locked"):
+        return [Problem("ctid", f"CT {ctid} is busy on {where}: {exists.get('locked')}", MigrationLocked)]
+    if exists.get("private_exists") and not exists.get("kept"):
+        message = f"private area {exists.get('private')} of CT {ctid} already exists on {where}"
+        return [Problem("ctid", f"{message}; remove it there or pick another CTID", CtExistsRemote)]
+    return []
+
+
+def dump_estimate(memory_bytes: int) -> int:
+    return int(memory_bytes * DUMP_FACTOR) + DUMP_OVERHEAD
+
+
+def _disk_space(hello: Mapping[str, Any], source: SourceFacts, where: str) -> list[Problem]:
+    disk = hello.get("disk") or {}
+    private, dump = disk.get("private") or {}, disk.get("dump") or {}
+    needs = {"private": source.private_bytes, "dump": dump_estimate(source.memory_bytes) if source.online else 0}
+    if private.get("dev") is not None and private.get("dev") == dump.get("dev"):
+        filesystems = [(private, needs["private"] + needs["dump"], "private area + dump")]
+    else:
+        filesystems = [(private, needs["private"], "private area"), (dump, needs["dump"], "dump")]
+    return [
+        _space_problem(fs, need, what, where)
+        for fs, need, what in filesystems
+        if need and int(fs.get("free", 0)) < need + DISK_MARGIN
+    ]
+
+
+def _space_problem(fs: Mapping[str, Any], need: int, what: str, where: str) -> Problem:
+    message = (
+        f"not enough disk space on {where}: {fs.get('path')} has {_size(int(fs.get('free', 0)))} free, "
+        f"the {what} needs {_size(need + DISK_MARGIN)} (with {_size(DISK_MARGIN)} to spare); free some space"
+    )
+    return Problem("disk_space", message, NoDiskSpaceRemote)
+
+
+def relevant_cpu_flags(flags: Iterable[str], machine: str) -> frozenset[str]:
+    """The flags whose absence on the destination breaks restored processes (on non-x86: all)."""
+    if machine not in X86_MACHINES:
+        return frozenset(flags)
+    return frozenset(f for f in flags if f in X86_ISA_FLAGS or f.startswith(X86_ISA_PREFIXES))
+
+
+def _cpu(hello: Mapping[str, Any], source: SourceFacts, where: str) -> list[Problem]:
+    cpu = hello.get("cpu") or {}
+    if cpu.get("machine") and cpu["machine"] != source.machine:
+        message = f"{where} is {cpu['machine']}, this host {source.machine}: a CT cannot move between architectures"
+        return [Problem("cpu", message, UnsupportedCpu)]
+    missing = sorted(relevant_cpu_flags(source.cpu_flags, source.machine) - set(cpu.get("flags") or ()))
+    if not missing:
+        return []
+    message = (
+        f"the CPU of {where} lacks {', '.join(missing)}, which this CPU has: processes that use them "
+        "would crash after the move (--nodeps=cpu to migrate anyway)"
+    )
+    return [Problem("cpu", message, UnsupportedCpu)]
+
+
+def _ip(exists: Mapping[str, Any], where: str) -> list[Problem]:
+    used = exists.get("ips_in_use") or {}
+    if not used:
+        return []
+    listed = ", ".join(f"{ip} (CT {ctid})" for ip, ctid in sorted(used.items()))
+    return [Problem("ip", f"IP address(es) already in use on {where}: {listed}", IpInUseRemote)]
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"

@@ -1,0 +1,139 @@
+"""vzpy migrate between two test hosts (own netns + mount ns + /etc/vz + a real sshd each), with a
+client outside both that keeps an established TCP connection to the CT through the migration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from testhosts import TestHost, TestNetwork
+
+from workload.build import build_fidelity
+from workload.client import EchoStream, FidelityClient, failures
+
+pytestmark = pytest.mark.root
+PORT = 7000
+CTID = "101"
+
+
+def vzpy(host: TestHost, *args: str, timeout: float = 180) -> object:
+    return host.run(["vzpy", *args], timeout=timeout)
+
+
+def status(host: TestHost, ctid: str = CTID) -> str:
+    result = vzpy(host, "status", "--json", ctid)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    return data["status"] if data["exist"] else "absent"
+
+
+@pytest.fixture
+def workload_ct(host_a: TestHost, host_b: TestHost, test_network: TestNetwork, tmp_path_factory):
+    """CT 101 on host_a running the fidelity workload; a client connection from the client namespace."""
+    binary = build_fidelity(tmp_path_factory.getbasetemp() / "workload")
+    ip = test_network.new_ct_address()
+    created = vzpy(host_a, "create", CTID, "--ostemplate", "minimal", "--ipadd", ip, "--hostname", "mig.test")
+    assert created.returncode == 0, created.stderr
+    private = host_a.path(f"/vz/private/{CTID}")
+    shutil.copy(binary, private / "usr" / "bin" / "fidelity")
+    service = private / "etc" / "vzpy" / "services" / "fidelity"
+    service.write_text(f"#!/bin/sh\nexec /usr/bin/fidelity -r {PORT}\n")
+    service.chmod(0o755)
+    assert vzpy(host_a, "start", CTID).returncode == 0
+
+    def connect(address: tuple[str, int], timeout: float):
+        return test_network.client_connect(address[0], address[1], timeout)
+
+    client = FidelityClient(ip, PORT, connect=connect)
+    client.wait_ready(timeout=20)
+    echo = EchoStream(ip, PORT + 1, connect=connect)
+    echo.exchange(64 * 1024)
+    try:
+        yield ip, client, echo
+    finally:
+        echo.close()
+        for host in (host_a, host_b):
+            vzpy(host, "stop", "--fast", CTID)
+            vzpy(host, "destroy", CTID)
+            for leftover in host.path("/etc/vz/conf").glob(f"{CTID}.conf*"):
+                leftover.unlink()
+            shutil.rmtree(host.path(f"/vz/private/{CTID}.migrated"), ignore_errors=True)
+
+
+def assert_all_ok(client: FidelityClient) -> None:
+    result = client.verify()
+    assert failures(result) == {}, failures(result)
+
+
+def test_online_migration_there_and_back_keeps_the_connection(host_a, host_b, workload_ct) -> None:
+    _ip, client, echo = workload_ct
+    result = vzpy(host_a, "migrate", "--online", "--json", host_b.address, CTID)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["path"].startswith("stop-and-copy") and summary["frozen_seconds"] > 0
+    assert [p["name"] for p in summary["phases"]][-2:] == ["resume on destination", "clean up source"]
+    assert status(host_b) == "running" and status(host_a) == "absent"
+    assert not host_a.path(f"/vz/private/{CTID}").exists()
+    echo.exchange(256 * 1024)  # the same TCP connection: every byte, in order, no reset
+    assert_all_ok(client)
+
+    back = vzpy(host_b, "migrate", "--online", "-t", host_a.address, CTID)
+    assert back.returncode == 0, back.stderr
+    assert "frozen" in back.stdout
+    assert status(host_a) == "running" and status(host_b) == "absent"
+    echo.exchange(256 * 1024)
+    assert_all_ok(client)
+    assert not list(host_a.path("/vz/dump").glob(".vzpy-migrate-*")), "source images must be removed"
+    assert not list(host_b.path("/vz/dump").glob("Migrate.*")), "destination images must be removed"
+
+
+def test_offline_migration_moves_a_running_ct_stopped_and_starts_it(host_a, host_b, workload_ct) -> None:
+    _ip, client, _ = workload_ct
+    result = vzpy(host_a, "migrate", "--remove-area", "no", host_b.address, CTID)
+    assert result.returncode == 0, result.stderr
+    assert status(host_b) == "running" and status(host_a) == "absent"
+    assert host_a.path(f"/vz/private/{CTID}.migrated").is_dir()
+    client.wait_ready(timeout=20)
+    assert_all_ok(client)
+
+
+def test_check_only_and_a_destination_that_has_the_ctid(host_a, host_b, workload_ct) -> None:
+    ok = vzpy(host_a, "migrate", "--check-only", "--online", host_b.address, CTID)
+    assert ok.returncode == 0, ok.stderr
+    assert "preflight" in ok.stdout and status(host_a) == "running"
+    taken = vzpy(host_b, "create", CTID, "--ostemplate", "minimal")
+    assert taken.returncode == 0
+    refused = vzpy(host_a, "migrate", "--online", host_b.address, CTID)
+    assert refused.returncode == 9, refused.stderr  # vzmigrate's MIG_ERR_EXISTS
+    assert "already exists" in refused.stderr
+    assert status(host_a) == "running"
+    vzpy(host_b, "destroy", CTID)
+
+
+def test_unknown_host_key_is_refused_with_its_fingerprint(host_a, host_b, workload_ct, tmp_path: Path) -> None:
+    empty = host_a.path("/vz/empty_known_hosts")
+    empty.write_text("")
+    result = vzpy(host_a, "migrate", "--online", "--known-hosts", "/vz/empty_known_hosts", host_b.address, CTID)
+    assert result.returncode == 4, result.stderr  # MIG_ERR_CANT_CONNECT
+    assert "SHA256:" in result.stderr and "known_hosts" in result.stderr
+    assert status(host_a) == "running"
+
+
+def test_failing_remote_restore_rolls_back_to_the_source(host_a, host_b, workload_ct) -> None:
+    """Make the destination's CRIU fail (a bogus CRIU binary there): the CT must keep running on host_a."""
+    _ip, client, echo = workload_ct
+    fake = host_b.path("/etc/vz/vz.conf")
+    original = fake.read_text()
+    fake.write_text(original + 'CRIU="/bin/false"\n')
+    try:
+        result = vzpy(host_a, "migrate", "--online", "-f", "criu", host_b.address, CTID)
+    finally:
+        fake.write_text(original)
+    assert result.returncode != 0
+    assert "rolling back" in result.stdout
+    assert status(host_a) == "running" and status(host_b) == "absent"
+    assert not host_b.path(f"/vz/private/{CTID}").exists() or not any(host_b.path(f"/vz/private/{CTID}").iterdir())
+    echo.exchange(64 * 1024)
+    assert_all_ok(client)

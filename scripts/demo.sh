@@ -77,4 +77,7 @@ step "Stop and destroy"
 run vzpy stop "$CTID"
 run vzpy status "$CTID"
 run vzpy destroy "$CTID"
+
+step "Online migration between two local test hosts (namespaces with their own sshd and /vz), and back"
+"$(dirname "$0")/demo_migrate.py"
 printf '\nDemo done.\n'

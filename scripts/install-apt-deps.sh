@@ -4,7 +4,7 @@ set -euo pipefail
 packages=(
   rsync openssh-client openssh-server iproute2 nftables iptables util-linux procps
   busybox-static debootstrap patchelf zstd tar xz-utils ca-certificates
-  debian-archive-keyring python3-venv tmux
+  debian-archive-keyring python3-venv tmux gcc libc6-dev
 )
 missing=()
 for p in "${packages[@]}"; do

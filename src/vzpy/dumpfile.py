@@ -39,7 +39,7 @@ TRAILER_MAGIC = b"VZPYTAIL"
 HEADER = struct.Struct("<8sIIQQQ32s")
 # magic, trailer offset, manifest sha256: ties the trailer to this header, so a file cut short is never taken whole
 TRAILER = struct.Struct("<8sQ32s")
-ALIGN = 4096  # members start page-aligned: mmap needs it to hash in place, and reflinking filesystems can share blocks
+ALIGN = 4096  # members start page-aligned: mmap maps them without slack, and reflinking filesystems can share blocks
 MANIFEST_OFFSET = ALIGN
 MAX_MANIFEST = 64 << 20
 COPY_CHUNK = 64 << 20
@@ -461,7 +461,7 @@ def _finish(fd: int, manifest_json: bytes, data_start: int, trailer_offset: int)
 
 
 def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int, *, writeback: bool = False) -> int:
-    """Copy in the kernel where it can (copy_file_range); returns the bytes copied, short only at EOF."""
+    """Copy in the kernel where it can (copy_file_range, else sendfile); returns the bytes copied, short only at EOF."""
     done = 0
     while done < length:
         n = _copy_chunk(src, dst, src_off + done, dst_off + done, min(COPY_CHUNK, length - done))
@@ -476,6 +476,13 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, length: int, *, 
 def _copy_chunk(src: int, dst: int, src_off: int, dst_off: int, count: int) -> int:
     try:
         return os.copy_file_range(src, dst, count, src_off, dst_off)
+    except OSError as e:
+        if e.errno not in _FALLBACK_COPY:
+            raise
+    # Across filesystems (EXDEV since Linux 5.19, e.g. images in tmpfs) sendfile still copies in the kernel.
+    os.lseek(dst, dst_off, os.SEEK_SET)
+    try:
+        return os.sendfile(dst, src, src_off, count)
     except OSError as e:
         if e.errno not in _FALLBACK_COPY:
             raise
@@ -547,42 +554,71 @@ def _hash_region(fd: int, offset: int, length: int) -> str:
     return digest.hexdigest()
 
 
-class _ChunkHasher:
-    """Hashes chunks on a thread of its own, so that producing the next chunk overlaps with hashing this one."""
+class _Worker:
+    """Runs `fn` on queued items on a thread of its own, so that it overlaps with producing the next item.
 
-    def __init__(self) -> None:
-        self._digest = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, name="vzpy-sha256", daemon=True)
+    An error in `fn` is kept (later items are dropped) and raised by the producer's next put() or check().
+    """
+
+    def __init__(self, fn: Callable[[Any], object]) -> None:
+        self._fn = fn
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, name="vzpy-dumpfile", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._digest.update(chunk)
+        while (item := self._queue.get()) is not _STOP:
+            if self._error is None:
+                try:
+                    self._fn(item)
+                except BaseException as e:
+                    self._error = e
 
-    def feed(self, chunk: bytes) -> None:
-        self._queue.put(chunk)
+    def put(self, item: Any) -> None:
+        self.check()
+        self._queue.put(item)
 
-    def close(self) -> str:
-        self._queue.put(None)
+    def stop(self) -> None:
+        self._queue.put(_STOP)
         self._thread.join()
-        return self._digest.hexdigest()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+_STOP = object()
 
 
 class _Sink:
-    """Where a member is decompressed to: hashed, counted, and written to `fd` unless verifying only."""
+    """Where a member is decompressed to: counted, then hashed and (unless verifying) written on worker threads."""
 
-    def __init__(self, fd: int | None, limit: int, hasher: _ChunkHasher) -> None:
-        self.fd, self.limit, self.hasher, self.count = fd, limit, hasher, 0
+    def __init__(self, out: int | None, limit: int) -> None:
+        self.limit, self.count, self.digest = limit, 0, hashlib.sha256()
+        self.workers = [_Worker(self.digest.update)]
+        if out is not None:
+            self.workers.append(_Worker(lambda item: _pwrite_all(out, item[1], item[0])))
 
     def write(self, data: bytes) -> int:
-        self.count += len(data)
-        if self.count > self.limit:
+        if self.count + len(data) > self.limit:
             raise _Oversize
-        if self.fd is not None:
-            _pwrite_all(self.fd, data, self.count - len(data))
-        self.hasher.feed(data)
+        self.workers[0].put(data)
+        if len(self.workers) > 1:
+            self.workers[1].put((self.count, data))
+        self.count += len(data)
         return len(data)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def finish(self) -> tuple[int, str]:
+        """Wait for the workers; (bytes, sha256) or the error one of them met."""
+        self.stop()
+        for worker in self.workers:
+            worker.check()
+        return self.count, self.digest.hexdigest()
 
 
 class _Oversize(Exception):
@@ -700,25 +736,27 @@ def _member_digest(path: Path, fd: int, item: tuple[str, Member], out: int | Non
     name, member = item
     if member.codec == "none":
         return member.stored_size, _hash_region(fd, member.offset, member.stored_size)
-    decompressor = _zstd(RestoreError).ZstdDecompressor()
-    hasher = _ChunkHasher()
-    sink = _Sink(out, member.size, hasher)
+    sink = _Sink(out, member.size)
     try:
-        decompressor.copy_stream(
-            _RegionReader(fd, member.offset, member.stored_size),
-            sink,
-            read_size=STREAM_CHUNK,
-            write_size=STREAM_CHUNK,
+        _decompress(path, fd, name, member, sink)
+    except BaseException:
+        sink.stop()
+        raise
+    return sink.finish()
+
+
+def _decompress(path: Path, fd: int, name: str, member: Member, sink: _Sink) -> None:
+    reader = _RegionReader(fd, member.offset, member.stored_size)
+    try:
+        _zstd(RestoreError).ZstdDecompressor().copy_stream(
+            reader, sink, read_size=STREAM_CHUNK, write_size=STREAM_CHUNK
         )
     except _Oversize:
         raise _corrupt(path, f"{name} decompresses to more than {member.size} bytes") from None
-    except OSError:
+    except (OSError, VzError):
         raise
     except Exception as e:  # zstandard.ZstdError
         raise _corrupt(path, f"{name} does not decompress ({e})") from e
-    finally:
-        digest = hasher.close()
-    return sink.count, digest
 
 
 def _check_member(path: Path, name: str, member: Member, size: int, sha256: str | None) -> None:
@@ -791,7 +829,7 @@ def _check_layout(path: Path, manifest: Manifest, data_start: int, trailer_off: 
         end = member.offset + member.stored_size
         if member.offset < pos or end > trailer_off:
             raise _corrupt(path, f"member {name} overlaps another part of the file")
-        if size < end:
+        if size < end and member.stored_size:
             raise _truncated(path, f"member {name}", size - member.offset, member.stored_size)
         pos = end
 
@@ -840,6 +878,7 @@ __all__ = [
     "describe",
     "extract",
     "host_cpu_info",
+    "human_size",
     "parse_cpuinfo",
     "read_manifest",
     "verify",

@@ -39,7 +39,6 @@ _KINDS = {
     stat.S_IFCHR: "c",
     stat.S_IFBLK: "b",
     stat.S_IFIFO: "p",
-    stat.S_IFSOCK: "s",
 }
 MOUNT = "m"  # a directory another filesystem is mounted on: recorded, never descended into
 KIND_NAMES = {
@@ -49,7 +48,6 @@ KIND_NAMES = {
     "c": "char device",
     "b": "block device",
     "p": "fifo",
-    "s": "socket",
     MOUNT: "mount point",
 }
 
@@ -585,11 +583,7 @@ def _delta_base(previous: Path | None) -> tuple[Path, dict[str, Any]] | None:
         return None
     try:
         meta = _read_meta(previous, ChkpntError)
-        if meta["base"] is None:
-            return previous, meta
-        base = (previous.parent / meta["base"]["path"]).resolve()
-        base_meta = _read_meta(base, ChkpntError)
-        return (base, base_meta) if base_meta["base"] is None else None
+        return (previous, meta) if meta["base"] is None else _resolve_base(previous, meta, ChkpntError)
     except ChkpntError:
         return None  # without a readable base, the snapshot is still taken: as a full archive
 
@@ -640,8 +634,7 @@ def _write_tar(root: Path, out: Path, meta: dict[str, Any], selection: Sequence[
     with tempfile.TemporaryDirectory(prefix="vzpy-fsstate-") as tmp:
         (Path(tmp) / META).write_text(json.dumps(meta, separators=(",", ":")))
         listing = Path(tmp) / "members"
-        # tar skips sockets ("socket ignored"); restore_tree recreates them from the fingerprint.
-        names = (b"./" + os.fsencode(e.path) if e.path else b"." for e in selection if e.kind != "s")
+        names = (b"./" + os.fsencode(e.path) if e.path else b"." for e in selection)
         listing.write_bytes(b"\0".join(names) + b"\0")
         partial = out.with_name(out.name + ".partial")
         try:
@@ -684,7 +677,7 @@ def archive_tree(root: Path, out: Path, *, previous: Path | None = None) -> Arch
         "format": FORMAT,
         "created_ns": started,
         "fingerprint": fp.to_json(),
-        "base": None if base is None else {"path": os.path.relpath(base[0], out.parent), "digest": _base_id(base[1])},
+        "base": None if base is None else _base_ref(base[0], base[1], out),
         "delete": deletions,
     }
     _write_tar(root, out, meta, selection)
@@ -696,6 +689,23 @@ def _base_id(meta: dict[str, Any]) -> str:
     return f"{meta['created_ns']}:{meta['fingerprint']['digest']}"
 
 
+def _base_ref(base: Path, meta: dict[str, Any], out: Path) -> dict[str, str]:
+    # Relative first (the pair moved together), absolute as well (the delta alone extracted elsewhere).
+    where = {"path": os.path.relpath(base, out.parent), "absolute": os.path.abspath(base)}
+    return {**where, "id": _base_id(meta)}
+
+
+def _resolve_base(archive: Path, meta: dict[str, Any], error: type[VzError]) -> tuple[Path, dict[str, Any]]:
+    """The full archive the delta `archive` applies to, checked to be the very one it was taken against."""
+    ref = meta["base"]
+    candidates = [archive.parent / ref["path"], Path(ref["absolute"])]
+    base = next((c for c in candidates if c.is_file()), candidates[0])
+    base_meta = _read_meta(base, error)
+    if base_meta["base"] is not None or _base_id(base_meta) != ref["id"]:
+        raise error(f"{base} is not the base archive {archive} was taken against")
+    return base.resolve(), base_meta
+
+
 # --- restoring
 
 
@@ -704,11 +714,7 @@ def _chain(archive: Path) -> list[tuple[Path, dict[str, Any]]]:
     meta = _read_meta(archive)
     if meta["base"] is None:
         return [(archive, meta)]
-    base = (archive.parent / meta["base"]["path"]).resolve()
-    base_meta = _read_meta(base)
-    if base_meta["base"] is not None or _base_id(base_meta) != meta["base"]["digest"]:
-        raise RestoreError(f"{base} is not the base archive {archive} was taken against")
-    return [(base, base_meta), (archive, meta)]
+    return [_resolve_base(archive, meta, RestoreError), (archive, meta)]
 
 
 def _extract(archive: Path, dest: Path) -> None:
@@ -739,17 +745,6 @@ def _rmtree(path: Path) -> None:
         func(failed)
 
     shutil.rmtree(path, onerror=writable)
-
-
-def _make_sockets(tree: Path, fp: Fingerprint) -> None:
-    for e in fp.entries:
-        if e.kind == "s":
-            path = _inside(tree, e.path)
-            parent = os.stat(path.parent)
-            os.mknod(path, stat.S_IFSOCK | e.mode)
-            os.chown(path, e.uid, e.gid, follow_symlinks=False)
-            os.chmod(path, e.mode)
-            os.utime(path.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))  # as tar left it
 
 
 def _swap(new: Path, root: Path, trash: Path) -> None:
@@ -784,7 +779,6 @@ def restore_tree(archive: Path, root: Path) -> None:
                 _remove(_inside(tree, rel))
             _extract(part, work)
         fp = Fingerprint.from_json(chain[-1][1]["fingerprint"])
-        _make_sockets(tree, fp)
         differences = compare(fp, tree)
         if differences:
             _, detail = describe_differences("?", differences)

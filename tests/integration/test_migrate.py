@@ -4,7 +4,11 @@ client outside both that keeps an established TCP connection to the CT through t
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -59,7 +63,8 @@ def workload_ct(host_a: TestHost, host_b: TestHost, test_network: TestNetwork, t
             vzpy(host, "destroy", CTID)
             for leftover in host.path("/etc/vz/conf").glob(f"{CTID}.conf*"):
                 leftover.unlink()
-            shutil.rmtree(host.path(f"/vz/private/{CTID}.migrated"), ignore_errors=True)
+            for leftover in (f"/vz/private/{CTID}.migrated", f"/vz/private/{CTID}", f"/vz/dump/Migrate.{CTID}"):
+                shutil.rmtree(host.path(leftover), ignore_errors=True)
 
 
 def assert_all_ok(client: FidelityClient) -> None:
@@ -135,5 +140,82 @@ def test_failing_remote_restore_rolls_back_to_the_source(host_a, host_b, workloa
     assert "rolling back" in result.stdout
     assert status(host_a) == "running" and status(host_b) == "absent"
     assert not host_b.path(f"/vz/private/{CTID}").exists() or not any(host_b.path(f"/vz/private/{CTID}").iterdir())
+    echo.exchange(64 * 1024)
+    assert_all_ok(client)
+
+
+def _start_migration(host_a: TestHost, host_b: TestHost, *extra: str) -> subprocess.Popen[str]:
+    # a slow link (--bwlimit) keeps the migration in its first sync long enough to interfere with it
+    argv = ["vzpy", "migrate", "--online", "--rsync-opts=--bwlimit=3000", *extra, host_b.address, CTID]
+    return host_a.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 60) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"{text!r} never showed; output:\n{''.join(seen)}")
+
+
+def _kill_ssh_sessions(host: TestHost) -> int:
+    """SIGKILL the sshd session processes of `host` (not its listener): the network link drops."""
+    netns = os.stat(f"/proc/{host.sshd_pid}/ns/net").st_ino
+    killed = 0
+    for pid_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (pid_dir / "cmdline").read_bytes()
+            same_ns = os.stat(pid_dir / "ns" / "net").st_ino == netns
+        except OSError:
+            continue
+        if same_ns and cmdline.startswith(b"sshd") and int(pid_dir.name) != host.sshd_pid:
+            os.kill(int(pid_dir.name), signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def _wait_until(condition, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def _add_big_file(host: TestHost) -> None:
+    (host.path(f"/vz/private/{CTID}") / "var" / "big").write_bytes(os.urandom(24 << 20))
+
+
+def test_a_dropped_ssh_link_rolls_back_to_the_source(host_a, host_b, workload_ct) -> None:
+    _, client, echo = workload_ct
+    _add_big_file(host_a)
+    migration = _start_migration(host_a, host_b)
+    _wait_for_line(migration, "sync files ...")
+    assert _kill_ssh_sessions(host_b) > 0
+    output = migration.communicate(timeout=120)[0]
+    assert migration.returncode != 0, output
+    assert status(host_a) == "running"
+    echo.exchange(64 * 1024)
+    assert_all_ok(client)
+    # the agent on host_b lost its channel and rolled back on its own
+    _wait_until(lambda: status(host_b) == "absent" and not host_b.path(f"/vz/dump/Migrate.{CTID}").exists())
+
+
+def test_a_killed_vzpy_is_recovered_with_one_command(host_a, host_b, workload_ct) -> None:
+    _, client, echo = workload_ct
+    _add_big_file(host_a)
+    migration = _start_migration(host_a, host_b)
+    _wait_for_line(migration, "suspend: done")
+    migration.send_signal(signal.SIGKILL)
+    migration.wait(timeout=30)
+    assert status(host_a) == "suspended"  # frozen, as vzpy left it
+    recovered = vzpy(host_a, "migrate", "--recover", host_b.address, CTID)
+    assert recovered.returncode == 0, recovered.stderr
+    assert "runs here" in recovered.stdout
+    assert status(host_a) == "running" and status(host_b) == "absent"
     echo.exchange(64 * 1024)
     assert_all_ok(client)

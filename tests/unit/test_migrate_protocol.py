@@ -32,6 +32,7 @@ from vzpy.migrate import (
     ProtocolError,
     RestoreFailed,
     UnsupportedCpu,
+    destination,  # noqa: F401 - the agent's restore/resume/start ops
     error_for_code,
 )
 from vzpy.migrate import agent as agent_mod
@@ -303,11 +304,11 @@ def test_ct_exists_reports_ips_used_by_other_cts(served: Served, vz: GlobalConfi
     assert exists["ips_in_use"] == {"10.0.0.6": "200"} and exists["exists"] is False
 
 
-def test_restore_is_not_implemented_yet(served: Served) -> None:
+def test_restore_without_images_fails_with_the_restore_exit_code(served: Served) -> None:
     served.client.hello()
     remote = RemoteAgent(served.client, {})
     remote.prepare("106", 'HOSTNAME="x"\n', token="t")
-    with pytest.raises(RestoreFailed, match="not implemented") as info:
+    with pytest.raises(RestoreFailed, match="criu restore") as info:
         served.client.call("restore", ctid="106")
     assert info.value.exit_code == 7
     with pytest.raises(CopyFailed, match="prepare it first"):

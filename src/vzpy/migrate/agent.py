@@ -8,7 +8,7 @@ The source starts it over SSH (connect_agent) and drives it one request at a tim
                                        (DUMPDIR/Migrate.CTID/images), write CTID.conf.migrating
     page_server_start(ctid, subdir)    a CRIU page server on 127.0.0.1 writing into the images dir
     page_server_wait(ctid, subdir, wait) / page_server_stop(ctid, subdir)
-    restore(ctid) / resume(ctid)       NOT IMPLEMENTED yet: see register_op()
+    restore / resume / start           in vzpy.migrate.destination (registered when the agent serves)
     commit(ctid)                       CTID.conf.migrating -> CTID.conf, remove the images, release the lock
     cleanup(ctid, keep_dst)            undo everything prepare (and later ops) did for the CT
     ping, bye
@@ -54,7 +54,6 @@ from vzpy.migrate import (
     MigrationLocked,
     ProtocolError,
     RemoteConfigError,
-    RestoreFailed,
 )
 from vzpy.migrate.preflight import read_cpu_flags, read_cpu_model
 from vzpy.migrate.protocol import (
@@ -683,19 +682,6 @@ def _page_server_stop(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
     return {"stopped": server is not None}
 
 
-def _not_implemented(name: str) -> Handler:
-    def handler(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
-        agent.incoming_ct(args)
-        raise RestoreFailed(f"{name} is not implemented by this vzpy's migration agent on {agent.hostname}")
-
-    return handler
-
-
-# Filled in by the checkpoint side of live migration (register_op replaces these).
-register_op("restore", _not_implemented("restore"), RestoreFailed)
-register_op("resume", _not_implemented("resume"), RestoreFailed)
-
-
 # --- serving -------------------------------------------------------------------------------------------
 
 
@@ -705,7 +691,17 @@ class _Stop(Exception):
         self.signum = signum
 
 
+_SERVING_PID = 0  # the agent's own pid, set when it starts serving
+
+
 def _raise_stop(signum: int, frame: object) -> None:
+    # Children the agent forks (the CT launcher, pyroute2's netns helpers) inherit this handler until they
+    # exec. In them, raising would unwind through a copy of the agent's own stack and answer on the
+    # protocol channel: they must just die of the signal, as they would without the handler.
+    if os.getpid() != _SERVING_PID:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)
     raise _Stop(signum)
 
 
@@ -743,6 +739,8 @@ def _ignore_stop_signals() -> None:
 
 def serve_stdio() -> int:
     """Serve on fds 0/1, moved aside: stray output (and CRIU's children) cannot touch the protocol."""
+    from vzpy.migrate import destination  # noqa: F401 - registers restore/resume/start (it imports this module)
+
     proto_in, proto_out = os.dup(0), os.dup(1)
     for fd in (proto_in, proto_out):
         os.set_inheritable(fd, False)
@@ -750,6 +748,8 @@ def serve_stdio() -> int:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.dup2(2, 1)
+    global _SERVING_PID
+    _SERVING_PID = os.getpid()
     for signum in CATCH_SIGNALS:
         signal.signal(signum, _raise_stop)
     connection = Connection(FdStream(proto_in, proto_out), peer="the migration source")

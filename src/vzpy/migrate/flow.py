@@ -25,7 +25,7 @@ from vzpy.migrate import CheckpointFailed, CtStopped, MigrateError
 from vzpy.migrate.agent import RemoteAgent, agent_argv, connect_agent
 from vzpy.migrate.preflight import SourceFacts, check, disk_usage, raise_blocking, read_cpu_flags
 from vzpy.migrate.rsync import sync_tree
-from vzpy.migrate.ssh import SshSession, Target
+from vzpy.migrate.ssh import OpenSsh, SshSession, Target
 from vzpy.migrate.tunnel import OpenSshTunnel
 from vzpy.stage import Stage
 
@@ -92,6 +92,8 @@ class Migration:
         self.agent: RemoteAgent | None = None
         self.dest: dict[str, Any] = {}
         self.work: Path | None = None
+        self.control_path: Path | None = None
+        self.tunnel: OpenSshTunnel | None = None
         self.past_no_return = False
         self.was_running = ct.stage() is Stage.RUNNING
         self.summary = Summary(ct.ctid, str(options.target), "offline")
@@ -100,42 +102,36 @@ class Migration:
     # --- the plan
 
     def steps(self) -> list[Step]:
-        connect = [Step("connect", self._connect), Step("preflight", self._preflight)]
+        """The plan, in order. Online: everything that can be done before the freeze is done before it."""
+        checks = [Step("connect", self._connect), Step("preflight", self._preflight)]
         if self.opts.check_only:
-            return connect
-        prepare = [
-            Step("prepare destination", self._prepare, self._cleanup_destination),
-            Step("sync files", self._sync_files),
-        ]
+            return checks
+        prepare = Step("prepare destination", self._prepare, self._cleanup_destination)
+        cleanup = Step("clean up source", self._finish_source)
         if self.opts.online:
-            return (
-                connect
-                + prepare
-                + [
-                    Step("suspend", self._suspend, self.resume_source),
-                    Step("final sync (frozen)", self._sync_files),
-                    Step("dump (pages streamed to the destination)", self._dump, self._remove_work),
-                    Step("copy images", self._copy_images),
-                    Step("restore on destination", self._restore_remote),
-                    Step("resume on destination", self._resume_remote, point_of_no_return=True),
-                    Step("clean up source", self._finish_source),
-                ]
-            )
-        stop = [Step("stop", self._stop_source, self._start_source)] if self.was_running else []
-        return (
-            connect
-            + prepare
-            + stop
-            + [
-                Step("final sync", self._sync_files),
-                Step(
-                    "start on destination" if self.was_running else "register on destination",
-                    self._start_remote,
-                    point_of_no_return=True,
-                ),
-                Step("clean up source", self._finish_source),
+            return [
+                *checks,
+                prepare,
+                Step("page server and tunnel", self._open_tunnel, self._close_tunnel),
+                Step("sync files", self._sync_files),
+                Step("suspend", self._suspend, self.resume_source),
+                Step("final sync (frozen)", self._sync_files),
+                Step("dump (pages streamed to the destination)", self._dump),
+                Step("copy images", self._copy_images),
+                Step("restore on destination", self._restore_remote),
+                Step("resume on destination", self._resume_remote, point_of_no_return=True),
+                cleanup,
             ]
-        )
+        start = "start on destination" if self.was_running else "register on destination"
+        return [
+            *checks,
+            prepare,
+            Step("sync files", self._sync_files),
+            *([Step("stop", self._stop_source, self._start_source)] if self.was_running else []),
+            Step("final sync", self._sync_files),
+            Step(start, self._start_remote, point_of_no_return=True),
+            cleanup,
+        ]
 
     def run(self) -> Summary:
         if self.opts.online and not self.was_running:
@@ -210,11 +206,19 @@ class Migration:
     def _cleanup_destination(self) -> None:
         self._agent().cleanup(self.ct.ctid, keep_dst=self.opts.keep_dst)
 
+    def _openssh(self) -> OpenSsh:
+        """OpenSSH options for rsync and the tunnel. Online, they share one connection (the tunnel's ssh
+        is the ControlMaster): nothing opens a new SSH connection while the CT is frozen."""
+        if self.control_path is None:
+            return self._session().openssh()
+        sharing = (("ControlMaster", "auto"), ("ControlPath", str(self.control_path)), ("ControlPersist", "no"))
+        return self._session().openssh(extra_options=sharing)
+
     def _sync_files(self) -> None:
         result = sync_tree(
             self.ct.private,
             self.dest["private"],
-            self._session().openssh(),
+            self._openssh(),
             rsync_opts=self.opts.rsync_opts,
             allow_vanished=not self._frozen_at,
         )
@@ -234,26 +238,40 @@ class Migration:
         if self.ct.stage() is not Stage.STOPPED:
             checkpoint.wake(self.ct)
 
-    def _dump(self) -> None:
+    def _open_tunnel(self) -> None:
+        """Before the freeze: a page server on the destination, and an SSH tunnel to it from here."""
         self.work = Path(tempfile.mkdtemp(prefix=f".vzpy-migrate-{self.ct.ctid}-", dir=self._dumpdir()))
+        self.control_path = self.work / "ssh.sock"
+        port = self._agent().page_server_start(self.ct.ctid)
+        self.tunnel = OpenSshTunnel(self._openssh(), port).start()
+
+    def _close_tunnel(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+        self.control_path = None
+        with contextlib.suppress(VzError):
+            self._agent().page_server_stop(self.ct.ctid)
+        self._remove_work()
+
+    def _dump(self) -> None:
         agent, ctid = self._agent(), self.ct.ctid
-        port = agent.page_server_start(ctid)
-        with OpenSshTunnel(self._session().openssh(), port) as tunnel:
-            try:
-                checkpoint.dump_images(self.ct, self.work, page_server=("127.0.0.1", tunnel.local_port))
-            except VzError as e:
-                agent.page_server_stop(ctid)
-                raise CheckpointFailed(
-                    f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail
-                ) from e
-            agent.page_server_wait(ctid, timeout=PAGE_SERVER_WAIT)
+        assert self.tunnel is not None, "open the tunnel first"
+        images = self._work() / "images"
+        images.mkdir(mode=0o700, exist_ok=True)
+        try:
+            checkpoint.dump_images(self.ct, images, page_server=("127.0.0.1", self.tunnel.local_port))
+        except VzError as e:
+            agent.page_server_stop(ctid)
+            raise CheckpointFailed(f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail) from e
+        agent.page_server_wait(ctid, timeout=PAGE_SERVER_WAIT)
 
     def _copy_images(self) -> None:
         # not a mirror: the page server's pagemap/pages images are already there
         result = sync_tree(
-            self._work(),
+            self._work() / "images",
             self.dest["images_dir"],
-            self._session().openssh(),
+            self._openssh(),
             rsync_opts=self.opts.rsync_opts,
             delete=False,
         )
@@ -290,7 +308,7 @@ class Migration:
         """The CT lives on the destination now: stop the copy here, remove what is left of it."""
         ct = self.ct
         checkpoint.restore_kill_any(ct)
-        self._remove_work()
+        self._close_tunnel()
         conf, private = ct.conf_path, ct.private
         if self.opts.remove_area:
             shutil.rmtree(private, ignore_errors=True)
@@ -325,6 +343,8 @@ class Migration:
         return self.work
 
     def _close(self) -> None:
+        if self.tunnel is not None:  # a failure after the point of no return: the tunnel is not needed either
+            self.tunnel.close()
         if self.agent is not None:
             self.agent.close()
         if self.session is not None:

@@ -24,7 +24,10 @@ from vzpy.migrate import CopyFailed, MigrateUsage
 from vzpy.migrate.ssh import OpenSsh
 
 RSYNC = "rsync"
-BASE_OPTIONS = ("-aHAXS", "--numeric-ids", "--delete", "--info=progress2")
+# --modify-window=-1: compare mtimes to the nanosecond. rsync's default quick check compares whole seconds,
+# so a file rewritten at the same size within the second of the previous pass would be skipped (seen here:
+# the frozen final pass missed a counter file, and the restore's fingerprint check refused it).
+BASE_OPTIONS = ("-aHAXS", "--numeric-ids", "--delete", "--modify-window=-1", "--info=progress2")
 EXIT_VANISHED = 24  # "some files vanished before they could be transferred": normal while the CT runs
 FORBIDDEN_LONG = ("--rsh", "--server", "--sender", "--daemon", "--config", "--files-from", "--old-args")
 STDERR_TAIL = 16384

@@ -106,6 +106,7 @@ def migrate(
         rsync_opts=rsync_opts,
         remote_vzpy=remote_vzpy,
         nodeps=parse_nodeps(nodeps),
+        verbose=verbose,
     )
 
     def progress(message: str) -> None:

@@ -24,6 +24,7 @@ from vzpy.errors import VzError
 from vzpy.migrate import CheckpointFailed, CtStopped, MigrateError
 from vzpy.migrate.agent import RemoteAgent, agent_argv, connect_agent
 from vzpy.migrate.preflight import SourceFacts, check, disk_usage, raise_blocking, read_cpu_flags
+from vzpy.migrate.rsync import Progress as RsyncProgress
 from vzpy.migrate.rsync import sync_tree
 from vzpy.migrate.ssh import OpenSsh, SshSession, Target
 from vzpy.migrate.tunnel import OpenSshTunnel
@@ -51,6 +52,7 @@ class MigrateOptions:
     rsync_opts: str | None = None
     remote_vzpy: str = "vzpy"
     nodeps: frozenset[str] = frozenset()
+    verbose: bool = False  # rsync's progress while files are copied
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Migration:
         self.was_running = ct.stage() is Stage.RUNNING
         self.summary = Summary(ct.ctid, str(options.target), "offline")
         self._frozen_at = 0.0
+        self._last_progress = 0.0
 
     # --- the plan
 
@@ -221,8 +224,15 @@ class Migration:
             self._openssh(),
             rsync_opts=self.opts.rsync_opts,
             allow_vanished=not self._frozen_at,
+            on_progress=self._rsync_progress if self.opts.verbose else None,
         )
         self.summary.bytes_moved += result.bytes
+
+    def _rsync_progress(self, update: RsyncProgress) -> None:
+        now = time.monotonic()
+        if update.percent == 100 or now - self._last_progress >= 1.0:
+            self._last_progress = now
+            self.progress(f"  {update.bytes >> 20} MiB copied ({update.percent}%, {update.rate}, eta {update.eta})")
 
     # --- online: freeze, dump, restore there
 

@@ -127,8 +127,8 @@ def dump(
         state.dumpfile = str(path)
         ct.save_state(state)
     progress(
-        f"CT {ct.ctid} dumped to {path} ({manifest.memory_bytes >> 20} MiB of memory) in "
-        f"{time.monotonic() - started:.2f}s; it stays suspended"
+        f"CT {ct.ctid} dumped to {path} ({dumpfile.human_size(manifest.memory_bytes)} of memory) in "
+        f"{time.monotonic() - started:.2f}s" + ("" if then_resume else "; it stays suspended")
     )
     return manifest
 

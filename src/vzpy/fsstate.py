@@ -670,7 +670,7 @@ def archive_tree(root: Path, out: Path, *, previous: Path | None = None) -> Arch
     base = _delta_base(previous)
     try:
         selection, deletions = _plan(entries, walker.ctimes, base)
-    except _Rebase:
+    except (_Rebase, RestoreError):  # too big a delta, or a base whose fingerprint is unreadable
         base, (selection, deletions) = None, (entries, [])
     fp = Fingerprint(tuple(entries))
     meta = {

@@ -88,8 +88,9 @@ def test_staged_chkpnt_and_restore_as_separate_invocations(fidelity_ct) -> None:
     assert stage_of(vz, ctid) == "suspended"
     with pytest.raises(OSError):  # frozen and locked: peers see silence, not a reset
         FidelityClient(ip, PORT, timeout=1).ping()
-    assert vz.run("chkpnt", ctid, "--dump", "--dumpfile", str(dump)).returncode == 0
+    assert vz.run("chkpnt", ctid, "--dump", "--compress", "--dumpfile", str(dump)).returncode == 0
     assert stage_of(vz, ctid) == "dumped" and dump.exists()
+    assert json.loads(vz.run("dumpinfo", "--json", str(dump), check=True).stdout)["compression"] == "zstd"
     assert vz.run("chkpnt", ctid, "--kill").returncode == 0
     assert stage_of(vz, ctid) == "stopped"
 

@@ -46,6 +46,14 @@ def test_lifecycle_happy_path(running_ct) -> None:
     assert vz.run("status", ctid).stdout == "CTID 101 deleted unmounted down\n"
 
 
+def test_template_list_shows_the_built_in_and_cached_templates(vzroot) -> None:
+    assert vzroot.run("template", "list", check=True).stdout == "minimal\n"
+    cache = vzroot.base / "template"
+    cache.mkdir()
+    (cache / "centos-7.tar.gz").write_bytes(b"")
+    assert json.loads(vzroot.run("template", "list", "--json", check=True).stdout) == ["centos-7", "minimal"]
+
+
 def test_ct_is_isolated_and_checkpointable_by_construction(running_ct) -> None:
     vz, ctid, _ = running_ct
     init = vz.state(ctid)["init_pid"]

@@ -219,3 +219,20 @@ def test_a_killed_vzpy_is_recovered_with_one_command(host_a, host_b, workload_ct
     assert status(host_a) == "running" and status(host_b) == "absent"
     echo.exchange(64 * 1024)
     assert_all_ok(client)
+
+
+def test_a_failing_dump_on_the_source_rolls_back(host_a, host_b, workload_ct) -> None:
+    """CRIU unusable on the source at dump time (after the CT was frozen): it must run on here."""
+    _, client, echo = workload_ct
+    conf = host_a.path("/etc/vz/vz.conf")
+    original = conf.read_text()
+    conf.write_text(original + 'CRIU="/bin/false"\n')
+    try:
+        result = vzpy(host_a, "migrate", "--online", host_b.address, CTID)
+    finally:
+        conf.write_text(original)
+    assert result.returncode == 8, result.stdout + result.stderr  # MIG_ERR_CHECKPOINT
+    assert "rolling back: suspend" in result.stdout
+    assert status(host_a) == "running" and status(host_b) == "absent"
+    echo.exchange(64 * 1024)
+    assert_all_ok(client)

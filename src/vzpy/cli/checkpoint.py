@@ -152,7 +152,7 @@ def dumpinfo(app: App, path: Path, as_json: bool, verify: bool) -> None:
     """Show what a dump file holds (CT, time, processes, memory) without restoring it."""
     manifest = dumpfile.verify(path) if verify else dumpfile.read_manifest(path)
     if as_json:
-        app.print_json(manifest.to_json())
+        click.echo(manifest.to_json())
         return
     for line in dumpfile.describe(manifest):
         click.echo(line)

@@ -78,6 +78,7 @@ def test_online_migration_there_and_back_keeps_the_connection(host_a, host_b, wo
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["path"].startswith("stop-and-copy") and summary["frozen_seconds"] > 0
+    assert summary["bytes_moved"] >= 64 << 20  # the workload's 64 MiB of memory, counted as received
     assert [p["name"] for p in summary["phases"]][-2:] == ["resume on destination", "clean up source"]
     assert status(host_b) == "running" and status(host_a) == "absent"
     assert not host_a.path(f"/vz/private/{CTID}").exists()

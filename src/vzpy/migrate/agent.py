@@ -670,7 +670,9 @@ def _page_server_wait(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
         log = (incoming.images / subdir / PAGE_SERVER_LOG) if subdir else incoming.images / PAGE_SERVER_LOG
         excerpt = log_excerpt(log.read_text(errors="replace")) if log.exists() else ""
         raise CopyFailed(f"the page server on {agent.hostname} exited with code {code}", detail=excerpt)
-    return {"exit_code": code}
+    directory = incoming.images / subdir if subdir else incoming.images
+    received = sum(p.stat().st_size for p in directory.glob("pages-*.img"))
+    return {"exit_code": code, "bytes": received}
 
 
 @op("page_server_stop", CopyFailed)
@@ -790,8 +792,10 @@ class RemoteAgent:
         """Start a page server for the CT's images (subdir: one pre-dump iteration); its loopback port."""
         return int(self.client.call("page_server_start", ctid=ctid, subdir=subdir)["port"])
 
-    def page_server_wait(self, ctid: str, subdir: str = "", timeout: float = 60.0) -> None:
-        self.client.call("page_server_wait", ctid=ctid, subdir=subdir, wait=timeout, timeout=timeout + 30.0)
+    def page_server_wait(self, ctid: str, subdir: str = "", timeout: float = 60.0) -> int:
+        """Wait for the page server to finish; the bytes of memory pages it received."""
+        reply = self.client.call("page_server_wait", ctid=ctid, subdir=subdir, wait=timeout, timeout=timeout + 30.0)
+        return int(reply.get("bytes", 0))
 
     def page_server_stop(self, ctid: str, subdir: str = "") -> None:
         self.client.call("page_server_stop", ctid=ctid, subdir=subdir)

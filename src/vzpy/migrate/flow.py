@@ -8,6 +8,7 @@ Migration.resume_source refuses to (P.Haul's rule, enforced here rather than rem
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 import tempfile
@@ -32,6 +33,7 @@ from vzpy.stage import Stage
 
 Progress = Callable[[str], None]
 PAGE_SERVER_WAIT = 600.0
+INLINE_IMAGES_MAX = 2 << 20  # base64 of this stays well under the protocol's 4 MiB line
 
 
 class SourceResumeRefused(MigrateError):
@@ -274,18 +276,24 @@ class Migration:
         except VzError as e:
             agent.page_server_stop(ctid)
             raise CheckpointFailed(f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail) from e
-        agent.page_server_wait(ctid, timeout=PAGE_SERVER_WAIT)
+        self.summary.bytes_moved += agent.page_server_wait(ctid, timeout=PAGE_SERVER_WAIT)
 
     def _copy_images(self) -> None:
+        """The images CRIU wrote here (all but the pages, which went to the page server): small ones inline
+        over the agent's channel, a big set (e.g. large tmpfs contents) with rsync."""
+        images = self._work() / "images"
+        files = sorted(p for p in images.iterdir() if p.is_file())
+        size = sum(p.stat().st_size for p in files)
+        if size <= INLINE_IMAGES_MAX:
+            encoded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in files}
+            self._agent().client.call("put_images", ctid=self.ct.ctid, files=encoded)
+            self.summary.bytes_moved += size
+            return
         # not a mirror: the page server's pagemap/pages images are already there
         result = sync_tree(
-            self._work() / "images",
-            self.dest["images_dir"],
-            self._openssh(),
-            rsync_opts=self.opts.rsync_opts,
-            delete=False,
+            images, self.dest["images_dir"], self._openssh(), rsync_opts=self.opts.rsync_opts, delete=False
         )
-        self.summary.bytes_moved += result.bytes + _pages_bytes(self.ct)
+        self.summary.bytes_moved += result.bytes
 
     def _restore_remote(self) -> None:
         fingerprint = checkpoint.fs_fingerprint(self.ct)
@@ -359,10 +367,6 @@ class Migration:
             self.agent.close()
         if self.session is not None:
             self.session.close()
-
-
-def _pages_bytes(ct: Container) -> int:
-    return checkpoint.memory_usage(ct)
 
 
 def recover(ct: Container, options: MigrateOptions, progress: Progress) -> str:

@@ -108,6 +108,8 @@ def configure_host_side(host_if: str, ips: Iterable[str]) -> None:
             raise NetworkError(f"host interface {host_if} is missing; restart the CT")
         ipr.link("set", index=found[0], state="up")
         _sysctl(f"net/ipv4/conf/{host_if}/proxy_arp", "1")
+        # answer the CT's ARP at once: the default (up to 0.8 s, random) lengthens every restore's downtime
+        _sysctl(f"net/ipv4/neigh/{host_if}/proxy_delay", "0")
         _sysctl(f"net/ipv4/conf/{host_if}/forwarding", "1")
         for ip in ips:
             add_host_route(host_if, ip, ipr=ipr)

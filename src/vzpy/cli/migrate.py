@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import click
 
 from vzpy.cli import cli
 from vzpy.cli.app import App
-from vzpy.migrate import (
-    destination,  # noqa: F401 - registers the agent's restore/resume/start ops
-    flow,
-)
-from vzpy.migrate.agent import agent_command
-from vzpy.migrate.preflight import parse_nodeps
-from vzpy.migrate.ssh import parse_target
 
 pass_app = click.make_pass_decorator(App)
 
@@ -92,6 +86,11 @@ def migrate(
     recover: bool,
 ) -> None:
     """Move CT CTID to HOST ([user@]host[:port]) over SSH."""
+    # imported here: paramiko costs every other vzpy command 0.1 s at start-up
+    from vzpy.migrate import flow
+    from vzpy.migrate.preflight import parse_nodeps
+    from vzpy.migrate.ssh import parse_target
+
     target = parse_target(host)
     if ssh_port is not None:
         target = dataclasses.replace(target, port=ssh_port)
@@ -132,4 +131,9 @@ def migrate(
         progress(f"preflight to {target.host} passed")
 
 
-cli.add_command(agent_command)
+@cli.command(name="migrate-agent", hidden=True)
+def migrate_agent() -> None:
+    """Serve an incoming migration on stdin/stdout (run by `vzpy migrate` over SSH, not by hand)."""
+    from vzpy.migrate.agent import serve_stdio
+
+    sys.exit(serve_stdio())

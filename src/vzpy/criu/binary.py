@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,13 +126,53 @@ def run_check(path: Path) -> None:
 
 @cache
 def _require(path: Path, kernel: str) -> CriuBinary:
-    version = binary_version(path)
+    cached = _checked_before(path, kernel)
+    version = cached or binary_version(path)
     problem = version_problem(version, parse_kernel_release(kernel))
     if problem:
         raise CriuUnavailable(f"{path}: {problem}; {FIX}")
-    run_check(path)
+    if cached is None:
+        run_check(path)
+        _remember_check(path, kernel, version)
     load_rpc()  # vzpy talks to CRIU only through pycriu's RPC messages
     return CriuBinary(path=path, version=version)
+
+
+# `criu check` costs ~0.12 s at every vzpy command; its verdict holds for the same binary file on the same
+# boot of the same kernel, so it is remembered for exactly that.
+CHECK_CACHE = Path("/var/cache/vzpy/criu-check.json")
+
+
+def _check_key(path: Path, kernel: str) -> dict[str, object]:
+    st = path.stat()
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return {
+        "path": str(path.resolve()),
+        "mtime_ns": st.st_mtime_ns,
+        "size": st.st_size,
+        "kernel": kernel,
+        "boot_id": boot_id,
+    }
+
+
+def _checked_before(path: Path, kernel: str) -> CriuVersion | None:
+    try:
+        data = json.loads(CHECK_CACHE.read_text())
+        if data["key"] == _check_key(path, kernel):
+            return parse_version(data["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _remember_check(path: Path, kernel: str, version: CriuVersion) -> None:
+    try:
+        CHECK_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CHECK_CACHE.with_name(f".{CHECK_CACHE.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"key": _check_key(path, kernel), "version": f"Version: {version}"}))
+        os.replace(tmp, CHECK_CACHE)
+    except OSError:
+        pass  # only a cache
 
 
 def require_criu(explicit: str | os.PathLike[str] | None = None) -> CriuBinary:

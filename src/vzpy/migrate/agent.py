@@ -37,8 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
 from vzpy import __version__
 from vzpy.config import ConfFile, GlobalConfig, validate_ctid
 from vzpy.criu import Criu, CriuOptions, PageServer, log_excerpt, require_criu
@@ -759,12 +757,6 @@ def serve_stdio() -> int:
         return serve(Agent(), connection)
     finally:
         connection.close()
-
-
-@click.command(name="migrate-agent", hidden=True)
-def agent_command() -> None:
-    """Serve an incoming migration on stdin/stdout (run by `vzpy migrate` over SSH, not by hand)."""
-    sys.exit(serve_stdio())
 
 
 # --- the source's end ----------------------------------------------------------------------------------

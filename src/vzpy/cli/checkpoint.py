@@ -9,6 +9,7 @@ import click
 from vzpy import checkpoint, dumpfile
 from vzpy.cli import cli
 from vzpy.cli.app import App
+from vzpy.container import Container
 from vzpy.errors import InvalidSyntax
 from vzpy.stage import Action
 
@@ -135,7 +136,7 @@ def restore(
             raise
 
 
-def _import_config(ct, given: Path | None) -> bool:  # type: ignore[no-untyped-def]
+def _import_config(ct: Container, given: Path | None) -> bool:
     """A CT unknown here (restore on another host): take its CTID.conf from the dump file."""
     path = checkpoint.dumpfile_for(ct, given)
     manifest = dumpfile.read_manifest(path)

@@ -87,3 +87,31 @@ def _wait_for(condition: Callable[[], bool], timeout: float = TIMEOUT) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out after {timeout:g}s"
         time.sleep(0.05)
+
+
+def test_a_debian_ct_runs_and_survives_chkpnt_restore(
+    built: tuple[TemplateStore, Path, list[str]], tmp_path: Path
+) -> None:
+    """What operators run: a CT from the real Debian template, started, entered, checkpointed, restored."""
+    from helpers import VzRoot
+
+    processes = ("sh", "-c", r'for p in /proc/[0-9]*; do tr "\0" " " <"$p/cmdline"; echo; done')
+    _, tarball, _ = built
+    vz = VzRoot(tmp_path / "vz", "debian")
+    try:
+        (vz.base / "template").mkdir()
+        os.link(tarball, vz.base / "template" / tarball.name)
+        ip = vz.new_ip()
+        vz.run("create", "301", "--ostemplate", "debian-12", "--ipadd", ip, "--hostname", "deb.test", check=True)
+        vz.add_service("301", "sleeper", "exec /bin/sleep infinity")
+        vz.run("start", "301", check=True)
+        assert vz.run("exec", "301", "cat", "/etc/debian_version", check=True).stdout.startswith("12.")
+        assert vz.run("exec", "301", "hostname", check=True).stdout == "deb.test\n"
+        assert "sleep infinity" in vz.run("exec", "301", *processes, check=True).stdout
+        vz.run("chkpnt", "301", check=True)
+        assert "down" in vz.run("status", "301").stdout
+        vz.run("restore", "301", check=True)
+        assert "sleep infinity" in vz.run("exec", "301", *processes, check=True).stdout
+        vz.run("stop", "301", check=True)
+    finally:
+        vz.cleanup()

@@ -135,7 +135,7 @@ def dump(
 
 def kill(ct: Container, progress: Progress) -> None:
     transition(ct.ctid, ct.stage(), Action.KILL)
-    restore_kill_any(ct)
+    lifecycle.kill(ct)
     progress(f"CT {ct.ctid} killed; its dump file is kept")
 
 
@@ -165,14 +165,6 @@ def _wake(ct: Container, state: RunState) -> float:
     state.frozen_since = 0.0
     ct.save_state(state)
     return frozen
-
-
-def restore_kill_any(ct: Container) -> None:
-    """Kill whatever runs of the CT, at any stage, and clean up: it is stopped."""
-    if ct.cgroups.exists():
-        lifecycle.kill_all(ct)
-    lifecycle.cleanup_leftovers(ct, ct.load_state())
-    ct.clear_state()
 
 
 def dump_images(ct: Container, images: Path, page_server: tuple[str, int] | None = None) -> None:
@@ -262,7 +254,7 @@ def restore_resume(ct: Container, progress: Progress) -> None:
 
 def restore_kill(ct: Container, progress: Progress) -> None:
     transition(ct.ctid, ct.stage(), Action.RESTORE_KILL)
-    restore_kill_any(ct)
+    lifecycle.kill(ct)
     progress(f"CT {ct.ctid} killed; it is stopped and its dump file is kept")
 
 
@@ -284,7 +276,7 @@ def restore_images(ct: Container, images: Path) -> int:
         init_pid = _criu(ct).restore(_restore_options(ct, images), notify=on_notify)
         network.configure_host_side(ct.veth, ct.ips)
     except BaseException:
-        restore_kill_any(ct)
+        lifecycle.kill(ct)
         raise
     ct.save_state(
         RunState(

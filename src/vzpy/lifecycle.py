@@ -150,10 +150,14 @@ def stop(ct: Container, *, fast: bool = False, progress: Progress = _quiet) -> N
     progress(f"Stopping CT {ct.ctid} ...")
     if not fast:
         _terminate(ct, state)
-    kill_all(ct)
-    cleanup_leftovers(ct, state)
-    ct.clear_state()
+    kill(ct)
     progress(f"CT {ct.ctid} stopped")
+
+
+def kill(ct: Container) -> None:
+    """Kill whatever runs of the CT, at any stage (frozen too), and undo what its start set up: stopped."""
+    cleanup_leftovers(ct, ct.load_state())
+    ct.clear_state()
 
 
 def _terminate(ct: Container, state: RunState) -> None:

@@ -41,7 +41,7 @@ def _restore(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
         fsstate.verify(recorded, ct.private, ct.ctid, exclude=checkpoint.FS_EXCLUDE)
     if ct.stage() is Stage.UNDUMPED:  # a retried request: it is already there
         return {"init_pid": ct.load_state().init_pid}
-    agent.on_rollback(ct.ctid, "kill the restored CT", lambda: checkpoint.restore_kill_any(ct))
+    agent.on_rollback(ct.ctid, "kill the restored CT", lambda: lifecycle.kill(ct))
     init_pid = checkpoint.restore_images(ct, incoming.images)
     return {"init_pid": init_pid}
 
@@ -100,7 +100,7 @@ def _commit(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
 
 def _uncommit(ct: Container) -> None:
     """Undo a commit whose CT never ran here: the source still has it."""
-    checkpoint.restore_kill_any(ct)
+    lifecycle.kill(ct)
     Path(ct.conf_path).unlink(missing_ok=True)
 
 

@@ -325,7 +325,7 @@ class Migration:
     def _finish_source(self) -> None:
         """The CT lives on the destination now: stop the copy here, remove what is left of it."""
         ct = self.ct
-        checkpoint.restore_kill_any(ct)
+        lifecycle.kill(ct)
         self._close_tunnel()
         conf, private = ct.conf_path, ct.private
         if self.opts.remove_area:

@@ -75,19 +75,20 @@ def configure_ct_side(init_pid: int, ips: Iterable[str]) -> None:
         index = ct.link_lookup(ifname=CT_IFNAME)[0]
         ct.link("set", index=index, state="up")
         for ip in parsed:
-            ct.addr("add", index=index, address=str(ip), prefixlen=_prefixlen(ip))
-        for family in {ip.version for ip in parsed}:
-            dst = "0.0.0.0/0" if family == 4 else "::/0"
-            ct.route("replace", dst=dst, oif=index, scope=253 if family == 4 else 0)
+            _add_address(ct, index, ip)
 
 
 def add_ct_address(init_pid: int, ip: str) -> None:
     parsed = parse_ip(ip)
     with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
-        index = ct.link_lookup(ifname=CT_IFNAME)[0]
-        ct.addr("add", index=index, address=str(parsed), prefixlen=_prefixlen(parsed))
-        dst = "0.0.0.0/0" if parsed.version == 4 else "::/0"
-        ct.route("replace", dst=dst, oif=index, scope=253 if parsed.version == 4 else 0)
+        _add_address(ct, ct.link_lookup(ifname=CT_IFNAME)[0], parsed)
+
+
+def _add_address(ct: IPRoute, index: int, ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """The address as a host route on eth0, and the default route of its family out of eth0."""
+    ct.addr("add", index=index, address=str(ip), prefixlen=_prefixlen(ip))
+    dst = "0.0.0.0/0" if ip.version == 4 else "::/0"
+    ct.route("replace", dst=dst, oif=index, scope=253 if ip.version == 4 else 0)
 
 
 def del_ct_address(init_pid: int, ip: str) -> None:

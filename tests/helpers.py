@@ -57,6 +57,8 @@ class VzRoot:
             "TEMPLATE": f"{base}/template",
             "LOCKDIR": f"{base}/lock",
             "CGROUP_PARENT": self.cgroup_parent,
+            # unique per test process: parallel test runs on one machine never share a host veth name
+            "VETH_PREFIX": f"vt{os.getpid() % 100000}x",
         }
         self.conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
         self.env = {**os.environ, "VZPY_CONF": str(self.conf)}

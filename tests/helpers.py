@@ -47,6 +47,8 @@ class VzRoot:
     def __init__(self, base: Path, name: str) -> None:
         self.base = base
         self.cgroup_parent = f"vzpy-test-{name}-{os.getpid()}"
+        # unique per test process: parallel test runs on one machine never share a host veth name
+        self.veth_prefix = f"vt{os.getpid() % 100000}x"
         self.conf = base / "etc" / "vz.conf"
         self.conf.parent.mkdir(parents=True)
         keys = {
@@ -57,8 +59,7 @@ class VzRoot:
             "TEMPLATE": f"{base}/template",
             "LOCKDIR": f"{base}/lock",
             "CGROUP_PARENT": self.cgroup_parent,
-            # unique per test process: parallel test runs on one machine never share a host veth name
-            "VETH_PREFIX": f"vt{os.getpid() % 100000}x",
+            "VETH_PREFIX": self.veth_prefix,
         }
         self.conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
         self.env = {**os.environ, "VZPY_CONF": str(self.conf)}
@@ -68,6 +69,9 @@ class VzRoot:
         if check and result.returncode != 0:
             raise AssertionError(f"vzpy {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result
+
+    def veth(self, ctid: str) -> str:
+        return f"{self.veth_prefix}{ctid}.0"
 
     def private(self, ctid: str) -> Path:
         return self.base / "private" / ctid

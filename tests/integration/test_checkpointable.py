@@ -72,7 +72,7 @@ def test_criu_dumps_and_restores_a_running_ct(running_ct, tmp_path: Path) -> Non
         "nftables",
         "--manage-cgroups=soft",
         "--veth-pair",
-        f"eth0=veth{ctid}.0",
+        f"eth0={vz.veth(ctid)}",
         "--restore-detached",
         "--pidfile",
         str(pidfile),
@@ -81,8 +81,8 @@ def test_criu_dumps_and_restores_a_running_ct(running_ct, tmp_path: Path) -> Non
     )
     restored = int(pidfile.read_text())
     try:
-        subprocess.run(["ip", "link", "set", f"veth{ctid}.0", "up"], check=True)
-        subprocess.run(["ip", "route", "replace", f"{ip}/32", "dev", f"veth{ctid}.0"], check=True)
+        subprocess.run(["ip", "link", "set", vz.veth(ctid), "up"], check=True)
+        subprocess.run(["ip", "route", "replace", f"{ip}/32", "dev", vz.veth(ctid)], check=True)
         assert http_get(ip) == "hello from 101\n", "the restored CT's service does not answer"
         assert ns_pids(restored)[-1] == 1, "the restored init is not PID 1 of its namespace"
     finally:

@@ -39,7 +39,7 @@ def test_lifecycle_happy_path(running_ct) -> None:
     assert vz.run("status", ctid).stdout == "CTID 101 exist unmounted down\n"
     assert json.loads(vz.run("list", "--json").stdout) == []
     assert json.loads(vz.run("list", "-a", "--json").stdout)[0]["status"] == "stopped"
-    assert not Path(f"/sys/class/net/veth{ctid}.0").exists()
+    assert not Path(f"/sys/class/net/{vz.veth(ctid)}").exists()
 
     assert vz.run("destroy", ctid).returncode == 0
     assert not vz.private(ctid).exists()

@@ -32,8 +32,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from vzpy.runtime.cgroups import CONTROLLERS
+
 MSG = struct.Struct("!Q")  # one probe: an 8-byte sequence number, echoed back as is
-CONTROLLERS = ("freezer", "memory", "cpu", "pids")  # vzpy.runtime.cgroups.CONTROLLERS
 
 
 # --- the prober ------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 """The demo's last act: an online migration of a CT between two local test hosts and back.
 
 Each test host is a network + mount namespace of this machine with its own /etc/vz, /vz and a real sshd
-(tests/integration/testhosts.py, the same hosts the tests use); a client namespace watches the CT's
+(vzpy_lab.netns, the same hosts the tests use); a client namespace watches the CT's
 counter, kept in a shell's memory, go on across both moves.
 """
 
@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from testhosts import TestHost, TestNetwork  # noqa: E402
+from vzpy_lab.netns import TestHost, TestNetwork
 
 CTID = "101"
-COUNTER = "#!/bin/sh\ni=0\nwhile :; do i=$((i + 1)); echo \"$i\" >/var/www/counter; sleep 0.1; done\n"
+COUNTER = '#!/bin/sh\ni=0\nwhile :; do i=$((i + 1)); echo "$i" >/var/www/counter; sleep 0.1; done\n'
 
 
 def show(host: TestHost, *args: str) -> str:
     print(f"[{host.name}]$ vzpy {' '.join(args)}", flush=True)
     result = host.run(["vzpy", *args], timeout=300)
-    print(result.stdout + result.stderr, end="", flush=True)
+    stdout: str = result.stdout
+    print(stdout + result.stderr, end="", flush=True)
     if result.returncode != 0:
         sys.exit(f"demo: `vzpy {' '.join(args)}` failed on host {host.name} ({result.returncode})")
-    return result.stdout
+    return stdout
 
 
 def counter(network: TestNetwork, ip: str) -> int:

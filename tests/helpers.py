@@ -11,6 +11,8 @@ import urllib.request
 from functools import cache
 from pathlib import Path
 
+from vzpy.host import mounts
+
 CRIU_CANDIDATES = ("/opt/vzpy/criu/bin/criu",)
 
 
@@ -93,11 +95,9 @@ class VzRoot:
         for conf in confdir.glob("*.conf") if confdir.is_dir() else []:
             self.run("stop", "--fast", conf.stem)
         # a test that mounted a CT root by hand (or failed half-way) must not leave it behind
-        with open("/proc/self/mountinfo") as mountinfo:
-            mounts = [line.split()[4] for line in mountinfo if line.split()[4].startswith(f"{self.base}/")]
-        for mount in sorted(mounts, reverse=True):
+        for mount in sorted(mounts.mounts_below(self.base), reverse=True):
             subprocess.run(["umount", "-l", mount], check=False)
-        for controller in ("freezer", "memory", "cpu", "pids"):
+        for controller in ("freezer", "memory", "cpu", "pids", "devices"):
             parent = Path("/sys/fs/cgroup") / controller / self.cgroup_parent
             for child in parent.glob("*/") if parent.is_dir() else []:
                 child.rmdir()

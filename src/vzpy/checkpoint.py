@@ -2,177 +2,412 @@
 
 chkpnt: suspend (freeze + network lock) -> dump (CRIU images + fingerprint -> one dump file; the CT stays
 suspended) -> kill (stop it; the dump file stays) or resume. restore: undump (recreate the processes,
-frozen, network locked) -> resume (wake them) or kill. Each stage is persisted before its side effects
-(container.RunState), so separate invocations compose and a killed vzpy leaves a recoverable stage.
+frozen, network locked) -> resume (wake them) or kill. Every stage action begins with vzpy.stage.enter,
+which validates it and persists its target; the executors here do the work and commit (or roll back).
+`run_chkpnt` and `run_restore` are vzctl's multi-flag plans: the whole sequence is checked, and every
+input (dump file paths) too, before the first action changes anything.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import contextlib
+import os
+import stat
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-from vzpy import dumpfile, fsstate, lifecycle, netlock
-from vzpy.config import ConfFile
-from vzpy.container import Container, RunState
+from vzpy import dumpable, dumpfile, fsstate, lifecycle, linkremap, netlock, scratch, stage
+from vzpy.config import ConfFile, shown, validate_ctid
+from vzpy.container import Container, RunState, start_ticks
 from vzpy.criu import CgroupMode, Criu, CriuOptions, NetworkLock, require_criu
-from vzpy.errors import ChkpntError, RestoreError
+from vzpy.criu import images as criu_images
+from vzpy.errors import BadConfig, ChkpntError, InvalidSyntax, NetworkError, RestoreError, VzError
+from vzpy.host import cpu
 from vzpy.runtime import network
 from vzpy.runtime.cgroups import CONTROLLERS
-from vzpy.stage import Action, Stage, transition
+from vzpy.scratch import private_dir, work_dir
+from vzpy.stage import Action, Progress, Stage
+from vzpy.units import human_size
 
-Progress = Callable[[str], None]
 FS_MEMBER = "fs.tar.zst"
 # Paths the CT's own init rewrites at every start: never a reason to refuse a restore.
 FS_EXCLUDE = ("run/vzpy-init.ready",)
-RAM_DIR = Path("/dev/shm")
+# Seconds one CRIU run may take (vz.conf CRIU_TIMEOUT); on expiry CRIU is killed and the CT resumed.
+DEFAULT_CRIU_TIMEOUT = 600.0
+# How long a dump told to stop (its time ran out) may take to reach CRIU's next notification, where it stops
+# cleanly, before it is killed (which kills any task CRIU's parasite code runs in at that moment).
+ABORT_GRACE = 30.0
+MAX_CRIU_TIMEOUT = 7 * 24 * 3600.0
+# What /proc/PID/wchan shows for a task stopped by SIGSTOP/SIGTSTP, frozen or not (a frozen task's state
+# reads "D", so the state letter cannot tell).
+STOPPED_WCHAN = "do_signal_stop"
 
 
-def plan(ct: Container, actions: Sequence[Action]) -> None:
-    """Check a whole sequence of stage actions against the transition table before doing any of them."""
-    stage = ct.stage()
+# --- the plans vzctl's flags name
+
+
+def chkpnt_actions(suspend: bool, dump: bool, kill: bool, resume: bool, snapshot: bool) -> list[Action]:
+    """`vzpy chkpnt`'s flags as the stage actions they run, in order."""
+    if snapshot:
+        if kill:
+            raise InvalidSyntax("--snapshot resumes the CT; it cannot be combined with --kill")
+        suspend = dump = resume = True
+    if kill and resume:
+        raise InvalidSyntax("--kill and --resume exclude each other: the dumped CT is either stopped or resumed")
+    if not (suspend or dump or kill or resume):
+        return [Action.SUSPEND, Action.DUMP, Action.KILL]
+    chosen = ((suspend, Action.SUSPEND), (dump, Action.DUMP), (kill, Action.KILL), (resume, Action.RESUME))
+    return [action for wanted, action in chosen if wanted]
+
+
+def restore_actions(undump: bool, resume: bool, kill: bool) -> list[Action]:
+    """`vzpy restore`'s flags as the stage actions they run, in order."""
+    if resume and kill:
+        raise InvalidSyntax("--resume and --kill exclude each other")
+    if not (undump or resume or kill):
+        undump = resume = True
+    chosen = ((undump, Action.UNDUMP), (resume, Action.RESTORE_RESUME), (kill, Action.RESTORE_KILL))
+    return [action for wanted, action in chosen if wanted]
+
+
+@dataclass(frozen=True)
+class DumpTarget:
+    path: Path
+    compress: bool = False
+    with_fs: bool = False
+
+
+def run_chkpnt(ct: Container, actions: Sequence[Action], target: DumpTarget, progress: Progress) -> None:
+    """Run a chkpnt plan; everything is checked before the first action."""
+    stage.plan(ct, actions)
+    criu_timeout(ct)  # a bad CRIU_TIMEOUT, or no place for CRIU's logs, is refused before the CT is suspended
+    log_dir(ct)
+    if Action.DUMP in actions:
+        check_dump_target(target.path, ct)
+    scratch.remove_leftovers(ct)
+    snapshot = list(actions[-2:]) == [Action.DUMP, Action.RESUME]
     for action in actions:
-        stage = transition(ct.ctid, stage, action)
+        if action is Action.SUSPEND:
+            suspend(ct, progress)
+        elif action is Action.DUMP:
+            dump(ct, target, progress=progress, then_resume=snapshot)
+        elif action is Action.KILL:
+            kill(ct, progress)
+        elif not snapshot:  # a snapshot's dump resumed the CT already
+            resume(ct, progress)
 
 
-def _criu(ct: Container) -> Criu:
-    return Criu(require_criu(ct.gconf.values.get("CRIU")))
+def run_restore(
+    ct: Container, actions: Sequence[Action], path: Path | None, *, skip_fs_check: bool, progress: Progress
+) -> None:
+    """Run a restore plan; everything is checked before the first action."""
+    stage.plan(ct, actions)
+    criu_timeout(ct)
+    log_dir(ct)
+    if Action.UNDUMP in actions:
+        assert path is not None, "an undump needs the dump file"
+        check_dump_source(path, ct)
+    scratch.remove_leftovers(ct)
+    for action in actions:
+        if action is Action.UNDUMP:
+            assert path is not None
+            undump(ct, path, skip_fs_check=skip_fs_check, progress=progress)
+        elif action is Action.RESTORE_RESUME:
+            restore_resume(ct, progress)
+        else:
+            restore_kill(ct, progress)
+
+
+# --- inputs, checked before anything changes
+
+
+def check_dump_target(path: Path, ct: Container | None = None) -> None:
+    """Refuse a --dumpfile that cannot be written, or whose existing target is not a regular file (a device,
+    FIFO, socket, directory or symlink would be replaced by the dump file)."""
+    if ct is not None and path.parent == ct.gconf.dumpdir:
+        private_dir(path.parent)
+    if ct is not None:
+        _refuse_inside_areas(path, ct, ChkpntError)
+    if not path.parent.is_dir():
+        raise ChkpntError(f"directory {path.parent} for the dump file does not exist; create it or choose another")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise ChkpntError(
+            f"{path} exists and is {_kind(st.st_mode)}, not a regular file: vzpy replaces only a regular file; "
+            "choose another --dumpfile"
+        )
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ChkpntError(f"cannot write in {path.parent}; choose another --dumpfile")
+
+
+def _refuse_inside_areas(path: Path, ct: Container, error: type[VzError]) -> None:
+    """A dump file in a CT's tree (this CT's or another's) would be written through links that CT controls,
+    and could be read or replaced by it before the restore: refuse it."""
+    forms = {path.parent, Path(os.path.realpath(path.parent))}
+    for owner, area in _ct_areas(ct):
+        if any(form.is_relative_to(inside) for form in forms for inside in {area, Path(os.path.realpath(area))}):
+            raise error(
+                f"dump file {path} is inside CT {owner}'s area {area}, where that CT can reach it; "
+                f"choose a --dumpfile outside every CT's area, e.g. in {ct.gconf.dumpdir}"
+            )
+
+
+def _ct_areas(ct: Container) -> list[tuple[str, Path]]:
+    """(CTID, VE_PRIVATE or VE_ROOT) of this CT and of every CT in CONFDIR whose areas resolve."""
+    others = sorted(ct.gconf.confdir.glob("*.conf")) if ct.gconf.confdir.is_dir() else []
+    found = []
+    for owner in [ct, *(Container(conf.name.removesuffix(".conf"), ct.gconf) for conf in others if _is_ct(conf))]:
+        with contextlib.suppress(VzError, OSError):
+            found += [(owner.ctid, owner.private), (owner.ctid, owner.root)]
+    return found
+
+
+def _is_ct(conf: Path) -> bool:
+    try:
+        validate_ctid(conf.name.removesuffix(".conf"))
+    except VzError:
+        return False
+    return True
+
+
+def check_dump_source(path: Path, ct: Container | None = None) -> None:
+    """Refuse at once a dump file that is not a regular file (reading a FIFO would block forever), or one
+    inside the CT's own tree."""
+    if ct is not None:
+        _refuse_inside_areas(path, ct, RestoreError)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise RestoreError(f"cannot read dump file {path}: {e.strerror}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise RestoreError(f"{path} is {_kind(st.st_mode)}, not a dump file (a regular file)")
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def log_dir(ct: Container) -> Path:
     """Where CRIU's logs of this CT's last dump/restore stay (shown in errors, kept after failures)."""
-    path = ct.gconf.dumpdir / ".logs" / ct.ctid
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return path
+    logs = private_dir(ct.gconf.dumpdir) / ".logs"
+    ours = (private_dir(logs), private_dir(logs / ct.ctid))
+    for path in ours:  # vzpy's own, whoever made them: CRIU's logs name the CT's files and sockets
+        path.chmod(0o700)
+    return ours[1]
 
 
-@contextmanager
-def work_dir(near: Path, ctid: str, purpose: str, *, size: int) -> Iterator[Path]:
-    """A 0700 scratch dir for CRIU's images: in RAM (/dev/shm) when `size` bytes fit comfortably, else beside
-    `near`. CRIU then writes memory to memory, and the dump file is the only copy that goes to disk."""
-    base = RAM_DIR if _fits_in_ram(size) else near
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = Path(tempfile.mkdtemp(prefix=f".vzpy-{purpose}-{ctid}-", dir=base))
+def criu_timeout(ct: Container) -> float:
+    """vz.conf's CRIU_TIMEOUT; BadConfig (file:line) unless a finite number of seconds up to MAX_CRIU_TIMEOUT."""
+    raw = ct.gconf.values.get("CRIU_TIMEOUT")
+    if not raw:
+        return DEFAULT_CRIU_TIMEOUT
     try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds <= MAX_CRIU_TIMEOUT:  # also refuses nan and inf ("1e400"): every wait needs a deadline
+        raise BadConfig(
+            f"{_global_where(ct, 'CRIU_TIMEOUT')}: invalid CRIU_TIMEOUT value {shown(raw)}: give a number of "
+            f"seconds above 0 and at most {MAX_CRIU_TIMEOUT:.0f}, e.g. {DEFAULT_CRIU_TIMEOUT:.0f}; fix the line"
+        )
+    return seconds
 
 
-def _fits_in_ram(size: int) -> bool:
-    if not RAM_DIR.is_dir():
-        return False
-    available = psutil.virtual_memory().available
-    return size * 2 < min(shutil.disk_usage(RAM_DIR).free, available)
+def _global_where(ct: Container, key: str) -> str:
+    try:
+        return ConfFile.load(ct.gconf.path).where(key)
+    except (OSError, VzError):
+        return str(ct.gconf.path)
+
+
+def _criu(ct: Container, timeout: float | None = None) -> Criu:
+    """CRIU with CRIU_TIMEOUT as its deadline, or `timeout` (a migration's remaining frozen time)."""
+    return Criu(require_criu(ct.gconf.values.get("CRIU")), timeout=timeout or criu_timeout(ct))
 
 
 # --- chkpnt stages
 
 
 def suspend(ct: Container, progress: Progress) -> None:
-    state = ct.load_state()
-    transition(ct.ctid, ct.stage(), Action.SUSPEND)
-    state.stage = Stage.SUSPENDED
-    state.frozen_since = time.time()
-    ct.save_state(state)
+    dumpable.require_dumpable(ct)  # before anything is frozen: what CRIU would refuse, named
+    entry = stage.enter(ct, Action.SUSPEND)
+    entry.state.frozen_since = time.time()
     try:
-        netlock.lock(state.init_pid)
+        netlock.lock(entry.state.init_pid)
         ct.cgroups.freeze()
     except BaseException:
-        _wake(ct, state)
+        _wake(ct, entry.state)
         raise
+    entry.commit()
     progress(f"CT {ct.ctid} suspended (frozen, network locked)")
 
 
-def dump(
-    ct: Container, path: Path, *, compress: bool, with_fs: bool, progress: Progress, then_resume: bool = False
-) -> dumpfile.Manifest:
-    """Write the suspended CT's state to `path`; it stays suspended. On failure it is resumed.
+def dump(ct: Container, target: DumpTarget, *, progress: Progress, then_resume: bool = False) -> dumpfile.Manifest:
+    """Write the suspended CT's state to target.path; it stays suspended. On failure it is resumed.
 
     With then_resume (a snapshot), the CT is resumed as soon as CRIU's images and the filesystem state
     are taken, and the dump file is packed while it runs: the frozen time is CRIU's alone.
     """
-    state = ct.load_state()
-    transition(ct.ctid, ct.stage(), Action.DUMP)
-    if path.parent == ct.gconf.dumpdir:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.parent.is_dir():
-        raise ChkpntError(f"directory {path.parent} for the dump file does not exist; create it or pick another")
+    check_dump_target(target.path, ct)
+    entry = stage.enter(ct, Action.DUMP)
     started = time.monotonic()
+    resumed = False
     try:
-        with work_dir(path.parent, ct.ctid, "dump", size=memory_usage(ct)) as work:
+        with work_dir(ct, "dump", size=memory_usage(ct)) as work:
             images = work / "images"
             images.mkdir(mode=0o700)
             processes = _processes(ct)
-            dump_images(ct, images)
-            progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {path}")
+            dump_images(ct, images, state=entry.state)
+            progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {target.path}")
             extra = {}
-            if with_fs:
+            if target.with_fs:
                 fsstate.archive_tree(ct.private, work / FS_MEMBER)
                 extra[FS_MEMBER] = work / FS_MEMBER
-            manifest = _manifest(ct, processes, with_fs)
+            manifest = _manifest(ct, processes, target.with_fs)
             if then_resume:
-                progress(f"CT {ct.ctid} resumed; it was frozen for {_wake(ct, state):.3f}s")
-            manifest = dumpfile.write_dumpfile(path, images, manifest, extra_members=extra, compress=compress)
+                resume(ct, progress)
+                resumed = True
+            manifest = dumpfile.write_dumpfile(
+                target.path, images, manifest, extra_members=extra, compress=target.compress
+            )
     except BaseException:
-        _wake(ct, state)
+        if not resumed:
+            _wake(ct, entry.state)
         raise
     if not then_resume:
-        state.stage = Stage.DUMPED
-        state.dumpfile = str(path)
-        ct.save_state(state)
+        entry.commit(dumpfile=str(target.path))
     progress(
-        f"CT {ct.ctid} dumped to {path} ({dumpfile.human_size(manifest.memory_bytes)} of memory) in "
+        f"CT {ct.ctid} dumped to {target.path} ({human_size(manifest.memory_bytes)} of memory) in "
         f"{time.monotonic() - started:.2f}s" + ("" if then_resume else "; it stays suspended")
     )
     return manifest
 
 
 def kill(ct: Container, progress: Progress) -> None:
-    transition(ct.ctid, ct.stage(), Action.KILL)
-    lifecycle.kill(ct)
+    entry = stage.enter(ct, Action.KILL)
+    lifecycle.cleanup_leftovers(ct, entry.state)
+    entry.commit()
     progress(f"CT {ct.ctid} killed; its dump file is kept")
 
 
 def resume(ct: Container, progress: Progress) -> None:
-    state = ct.load_state()
-    transition(ct.ctid, ct.stage(), Action.RESUME)
-    frozen = _wake(ct, state)
+    entry = stage.enter(ct, Action.RESUME)
+    frozen = _unfreeze(ct, entry.state, restored=False)
+    entry.commit(frozen_since=0.0)
     progress(f"CT {ct.ctid} resumed; it was frozen for {frozen:.3f}s")
 
 
 def wake(ct: Container) -> float:
-    """Let a frozen (suspended or undumped) CT run: network unlocked, thawed. Returns the frozen time."""
-    return _wake(ct, ct.load_state())
+    """Let a frozen (suspended or undumped) CT run: network unlocked, thawed. Returns the frozen time.
+
+    The rollback of a suspend or an undump (a failed migration, a recovery): it checks no transition."""
+    state, current = stage.current(ct)
+    return _wake(ct, state, restored=current is Stage.UNDUMPED)
 
 
-def _wake(ct: Container, state: RunState) -> float:
-    """Unlock the network and thaw; the CT runs again (idempotent: a half-done suspend is fine too).
+def _wake(ct: Container, state: RunState, *, restored: bool = False) -> float:
+    frozen = _unfreeze(ct, state, restored=restored)
+    state.frozen_since = 0.0
+    stage.persist(ct, state, Stage.RUNNING)
+    return frozen
 
-    Returns how long it was frozen (0 when unknown)."""
+
+def _unfreeze(ct: Container, state: RunState, *, restored: bool) -> float:
+    """Unlock the network and thaw (idempotent: a half-done suspend is fine too); how long it was frozen.
+
+    The link-remap files of the CT's dump go first: a dumped CT that runs on makes its dump stale; a
+    restored one has its files open and needs them no more."""
+    (linkremap.release if restored else linkremap.remove)(ct, state.link_remaps)
+    state.link_remaps = []
     if state.init_alive():
         netlock.unlock(state.init_pid)
     if ct.cgroups.freezer_state() != "THAWED":
         ct.cgroups.thaw()
-    frozen = time.time() - state.frozen_since if state.frozen_since else 0.0
-    state.stage = Stage.RUNNING
-    state.pending = ""
-    state.frozen_since = 0.0
-    ct.save_state(state)
-    return frozen
+    return time.time() - state.frozen_since if state.frozen_since else 0.0
 
 
-def dump_images(ct: Container, images: Path, page_server: tuple[str, int] | None = None) -> None:
+def dump_images(
+    ct: Container,
+    images: Path,
+    page_server: tuple[str, int] | None = None,
+    *,
+    state: RunState | None = None,
+    timeout: float | None = None,
+) -> list[str]:
     """CRIU's images of the suspended CT into `images` (it stays frozen); with page_server, the memory
-    pages go there instead (a page server on the destination of a migration)."""
-    options = _dump_options(ct, ct.load_state(), images)
+    pages go there instead (a page server on the destination of a migration). With `timeout`, a dump still
+    running after that many seconds is stopped (ChkpntError) and the CT left intact, still frozen.
+
+    Returns the files CRIU linked into the CT's tree for open files whose name was unlinked: the restore
+    needs them, so they stay (recorded in the CT's state) until the CT resumes."""
+    state = state or ct.load_state()
+    options = _dump_options(ct, state, images)
     options.page_server = page_server
-    _criu(ct).dump(options)
+    # A task that is both stopped and frozen cannot be ptrace-attached: the kernel waits for it to move
+    # from stopped to traced, which a frozen task never does (CRIU hangs in D state). So CRIU then seizes
+    # the tree itself: thawed just before it seizes (network still locked), frozen again before it lets go.
+    seize_thawed = bool(stopped_tasks(ct))
+    if seize_thawed:
+        options.freeze_cgroup = None
+    cgroups = ct.cgroups
+    kept: list[str] = []
+
+    def on_notify(script: str, _pid: int) -> None:
+        if script == "pre-dump" and seize_thawed:
+            cgroups.thaw()
+        elif script == "post-dump":
+            if seize_thawed:
+                cgroups.freeze()
+            # CRIU removes its link-remap files once a tree it leaves running is dumped: hold them
+            kept.extend(linkremap.hold(ct, criu_images.linked_remaps(images)))
+
+    locks_before = netlock.criu_locks(state.init_pid)
+    try:
+        # `timeout` (what a migration has left of --max-frozen) stops CRIU cleanly at its next notification;
+        # only one that does not get there within ABORT_GRACE more is killed
+        hard = None if timeout is None else min(criu_timeout(ct), timeout + ABORT_GRACE)
+        _criu(ct, hard).dump(options, notify=on_notify, abort_after=timeout)
+    except BaseException:
+        linkremap.release(ct, kept)
+        # a CRIU killed at its deadline could not remove its network lock: the CT would resume cut off
+        with contextlib.suppress(NetworkError):  # the dump's own error is the one to report
+            netlock.remove_criu_locks(state.init_pid, keep=locks_before)
+        raise
+    finally:
+        if cgroups.freezer_state() != "FROZEN":
+            cgroups.freeze()
+    linkremap.reinstate(ct, kept)
+    if kept:
+        stage.remember(ct, state, link_remaps=[*state.link_remaps, *kept])
+    return kept
+
+
+def stopped_tasks(ct: Container) -> list[int]:
+    """The CT's processes stopped by a signal (SIGSTOP, ^Z), whether or not the CT is frozen."""
+    stopped = []
+    for pid in ct.cgroups.pids():
+        try:
+            wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+        except OSError:
+            continue
+        if wchan == STOPPED_WCHAN:
+            stopped.append(pid)
+    return stopped
 
 
 def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
@@ -185,8 +420,12 @@ def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
         leave_running=True,
         tcp_established=True,
         file_locks=True,
-        # vzpy's own lock (netlock) is already in place and is dumped with the netns
-        network_lock=NetworkLock.SKIP,
+        # an open file whose name was unlinked while another link remains: CRIU links it back for the dump
+        link_remap=True,
+        # CRIU's own lock too, over lo as well (vzpy's netlock, in place and dumped with the netns, lets lo
+        # through): TCP between two of the CT's sockets must not move while they are dumped one by one, or a
+        # send queue with unsent data comes back broken ("Can't restore not-sent send queue data")
+        network_lock=NetworkLock.NFTABLES,
         freeze_cgroup=ct.cgroups.path("freezer"),
         manage_cgroups=CgroupMode.SOFT,
     )
@@ -226,12 +465,14 @@ def _manifest(ct: Container, processes: list[dict[str, object]], with_fs: bool) 
 
 def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress) -> int:
     """Recreate the CT's processes from `path`, frozen with the network locked. Returns the init pid."""
-    transition(ct.ctid, ct.stage(), Action.UNDUMP)
+    stage.plan(ct, [Action.UNDUMP])
+    ct.check_areas()  # before --with-fs writes the private area or anything is mounted
+    check_dump_source(path, ct)
     manifest = dumpfile.read_manifest(path)
     _check_compatible(ct, manifest)
     started = time.monotonic()
     size = sum(m.size for m in manifest.members.values())
-    with work_dir(ct.gconf.dumpdir, ct.ctid, "restore", size=size) as work:
+    with work_dir(ct, "restore", size=size) as work:
         # extracting verifies every member: a truncated or corrupt file is refused here, before any change
         dumpfile.extract(path, work)
         if manifest.with_fs:
@@ -246,24 +487,31 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
 
 
 def restore_resume(ct: Container, progress: Progress) -> None:
-    state = ct.load_state()
-    transition(ct.ctid, ct.stage(), Action.RESTORE_RESUME)
-    _wake(ct, state)
+    entry = stage.enter(ct, Action.RESTORE_RESUME)
+    _unfreeze(ct, entry.state, restored=True)
+    entry.commit(frozen_since=0.0)
     progress(f"CT {ct.ctid} resumed")
 
 
 def restore_kill(ct: Container, progress: Progress) -> None:
-    transition(ct.ctid, ct.stage(), Action.RESTORE_KILL)
-    lifecycle.kill(ct)
+    entry = stage.enter(ct, Action.RESTORE_KILL)
+    lifecycle.cleanup_leftovers(ct, entry.state)
+    linkremap.reinstate(ct, entry.state.link_remaps)  # the dump file stays restorable
+    entry.commit(link_remaps=[])
     progress(f"CT {ct.ctid} killed; it is stopped and its dump file is kept")
 
 
-def restore_images(ct: Container, images: Path) -> int:
-    # persisted first: a vzpy killed during the restore leaves a stage `restore --kill` can clean up
-    ct.save_state(RunState(stage=Stage.STOPPED, pending="undump", veth=ct.veth, ips=ct.ips))
+def restore_images(ct: Container, images: Path, *, timeout: float | None = None) -> int:
+    """Restore the CT's processes from CRIU's images in `images`, frozen (undumped). Returns the init pid."""
+    entry = stage.enter(ct, Action.UNDUMP)
+    linkremap.reinstate(ct, entry.state.link_remaps)  # held by a restore that was killed
+    # CRIU consumes its link-remap files even when the restore fails: hold them for a retry
+    held = linkremap.hold(ct, criu_images.linked_remaps(images))
+    # persisted before anything is made: a vzpy killed during the restore leaves what `restore --kill` needs
+    entry.note(veth=ct.veth, ips=ct.ips, link_remaps=held)
     cgroups = ct.cgroups
     try:
-        lifecycle.cleanup_leftovers(ct, ct.load_state())
+        lifecycle.cleanup_leftovers(ct, entry.state)
         lifecycle.mount_root(ct)
         cgroups.create()
         cgroups.apply(ct.limits)
@@ -273,20 +521,20 @@ def restore_images(ct: Container, images: Path) -> int:
             if script == "pre-resume":
                 cgroups.freeze()
 
-        init_pid = _criu(ct).restore(_restore_options(ct, images), notify=on_notify)
+        init_pid = _criu(ct, timeout).restore(_restore_options(ct, images), notify=on_notify)
         network.configure_host_side(ct.veth, ct.ips)
-    except BaseException:
-        lifecycle.kill(ct)
-        raise
-    ct.save_state(
-        RunState(
-            stage=Stage.UNDUMPED,
+        entry.commit(
             init_pid=init_pid,
             init_started=psutil.Process(init_pid).create_time(),
-            veth=ct.veth,
-            ips=ct.ips,
+            init_start_ticks=start_ticks(init_pid),
+            frozen_since=time.time(),
         )
-    )
+    except BaseException:
+        try:
+            linkremap.reinstate(ct, held)
+        finally:
+            lifecycle.kill(ct)
+        raise
     return init_pid
 
 
@@ -298,8 +546,9 @@ def _restore_options(ct: Container, images: Path) -> CriuOptions:
         root=ct.root,
         tcp_established=True,
         file_locks=True,
-        # the dumped netns carries vzpy's lock table; it comes back with the CT
-        network_lock=NetworkLock.SKIP,
+        # CRIU locks the restored netns until every socket is back (unsent data that goes out before its
+        # peer exists gets a reset); vzpy's own lock, restored with the netns, stays until restore --resume
+        network_lock=NetworkLock.NFTABLES,
         manage_cgroups=CgroupMode.SOFT,
         # this host's cgroup parent may differ from the dumping host's (CGROUP_PARENT)
         cgroup_roots={c: f"/{ct.cgroups.parent}/{ct.ctid}" for c in CONTROLLERS},
@@ -310,7 +559,7 @@ def _restore_options(ct: Container, images: Path) -> CriuOptions:
 def _check_compatible(ct: Container, manifest: dumpfile.Manifest) -> None:
     if manifest.ctid != ct.ctid:
         raise RestoreError(f"dump file is of CT {manifest.ctid}, not {ct.ctid}; restore it as CT {manifest.ctid}")
-    problems = dumpfile.cpu_compatible(manifest.cpu, dumpfile.host_cpu_info())
+    problems = cpu.restore_problems(manifest.cpu, cpu.host_cpu())
     if problems:
         raise RestoreError(f"this CPU cannot run CT {ct.ctid}'s processes: {'; '.join(problems)}")
 

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import psutil
-
-from vzpy.config import ConfFile, GlobalConfig, expand_veid, validate_ctid
-from vzpy.errors import BadConfig, ConfigNotFound, InvalidValue
+from vzpy import areas, fileio
+from vzpy.config import ConfFile, GlobalConfig, default_hostname, expand_veid, parse_size, validate_ctid
+from vzpy.errors import BadConfig, ConfigNotFound
 from vzpy.runtime.cgroups import CgroupSet, Limits
 from vzpy.runtime.network import host_ifname
-from vzpy.stage import Stage
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": PAGE_SIZE}
-
-
-def parse_size(value: str, *, what: str = "size") -> int:
-    """vzctl sizes: a number of bytes with K/M/G/T, or pages with P (PHYSPAGES="0:256M")."""
-    text = value.strip().upper().removesuffix("B")
-    unit = text[-1:] if text[-1:] in _SUFFIXES else ""
-    number = text[: len(text) - len(unit)]
-    if not (number.isascii() and number.isdigit()):
-        raise InvalidValue(f"invalid {what} {value!r}: use e.g. 512M or 2G")
-    return int(number) * _SUFFIXES[unit]
+from vzpy.stage import Facts, Stage, settled
 
 
 @dataclass
@@ -38,11 +23,18 @@ class RunState:
     stage: Stage = Stage.STOPPED
     init_pid: int = 0
     init_started: float = 0.0  # psutil create_time, so a reused pid is not mistaken for the init
+    # the same, as /proc/PID/stat's starttime (clock ticks since boot): create_time adds /proc/stat's btime,
+    # which moves by a second now and then as the clock is adjusted (NTP), and would make a live init look dead
+    init_start_ticks: int = 0
     veth: str = ""
     ips: list[str] = field(default_factory=list)
     dumpfile: str = ""
-    # an operation that was started and not finished ("undump"): lets the next vzpy see the real stage
+    # the stage action under way (stage.enter persisted `stage` as its target and this mark; its commit
+    # clears it): lets the next vzpy see the real stage when one was killed half-way
     pending: str = ""
+    pending_from: str = ""
+    # files CRIU linked into the CT's tree for its dump (`link_remap`): kept for a restore, removed on resume
+    link_remaps: list[str] = field(default_factory=list)
     # when the CT was frozen (suspend or undump): resume reports how long it stood still
     frozen_since: float = 0.0
     updated: float = 0.0
@@ -51,10 +43,39 @@ class RunState:
         if not self.init_pid:
             return False
         try:
-            process = psutil.Process(self.init_pid)
-            return process.create_time() == self.init_started and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
+            fields = _stat_fields(self.init_pid)
+            if self.init_start_ticks:
+                same = int(fields[STARTTIME]) == self.init_start_ticks
+            else:  # a state written before init_start_ticks existed
+                same = _created_at(self.init_pid, self.init_started)
+            return same and fields[STATE] != "Z"
+        except (OSError, ValueError, IndexError):
             return False
+
+
+def _created_at(pid: int, create_time: float) -> bool:
+    """Whether `pid` has psutil's `create_time` (how states of older vzpy versions identify their init)."""
+    import psutil  # only here: its import would add ~50 ms to every status and list
+
+    try:
+        return psutil.Process(pid).create_time() == create_time
+    except psutil.Error:
+        return False
+
+
+# /proc/PID/stat fields as _stat_fields returns them: proc(5)'s field 3 (state) and field 22 (starttime)
+STATE, STARTTIME = 0, 19
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 on: after the last ")", as the command name before it is the process's own
+    (a CT's: anything)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def start_ticks(pid: int) -> int:
+    """When `pid` started, in clock ticks since boot (never changes, unlike a wall-clock create time)."""
+    return int(_stat_fields(pid)[STARTTIME])
 
 
 class Container:
@@ -111,7 +132,7 @@ class Container:
 
     @property
     def hostname(self) -> str:
-        return self.conf.get("HOSTNAME") or f"ct{self.ctid}"
+        return self.conf.checked("HOSTNAME") or default_hostname(self.ctid)
 
     @property
     def ips(self) -> list[str]:
@@ -119,14 +140,19 @@ class Container:
 
     @property
     def limits(self) -> Limits:
-        physpages = self.conf.get("PHYSPAGES")
-        numproc = self.conf.get("NUMPROC")
-        cpus = self.conf.get("CPUS")
+        """The limits CTID.conf sets (the limit of vzctl's barrier:limit pairs); BadConfig at file:line if bad."""
+        physpages = self.conf.checked("PHYSPAGES")
+        numproc = self.conf.checked("NUMPROC")
+        cpus = self.conf.checked("CPUS")
         return Limits(
-            memory_bytes=parse_size(physpages.split(":")[-1], what="PHYSPAGES") if physpages else None,
+            memory_bytes=parse_size(physpages.split(":")[-1]) if physpages else None,
             cpus=float(cpus) if cpus else None,
             pids_max=int(numproc.split(":")[-1]) if numproc else None,
         )
+
+    def check_areas(self) -> None:
+        """BadConfig (with file:line) unless VE_PRIVATE and VE_ROOT are directories of this CT's own."""
+        areas.check_ct(self.conf if self.exists() else None, self.ctid, self.gconf)
 
     # --- run state
     def load_state(self) -> RunState:
@@ -145,27 +171,34 @@ class Container:
     def save_state(self, state: RunState) -> None:
         state.updated = time.time()
         self.state_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.state_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(state), indent=1))
-        os.replace(tmp, self.state_path)
+        # durable: a stage is persisted before its side effects, so it must survive a host crash too
+        fileio.write_atomic(self.state_path, json.dumps(asdict(state), indent=1), mode=0o600)
 
     def clear_state(self) -> None:
-        self.state_path.unlink(missing_ok=True)
+        try:
+            self.state_path.unlink()
+        except FileNotFoundError:
+            return
+        fileio.fsync_dir(self.state_path.parent)
+
+    def facts(self, state: RunState) -> Facts:
+        """What the host shows of the CT beside `state` (for vzpy.stage.settled)."""
+        cgroups = self.cgroups
+        alive = state.init_alive()
+        return Facts(
+            init_alive=alive,
+            has_tasks=alive or bool(cgroups.pids()),
+            frozen=alive and cgroups.freezer_state() != "THAWED",
+        )
 
     def stage(self) -> Stage:
-        """The real stage: the persisted one, checked against the processes and the freezer.
+        """The real stage (vzpy.stage.settled): the persisted one, checked against the processes and freezer.
 
-        Stages are persisted before their side effects, so a vzpy killed half-way leaves a stage from
-        which the matching recovery (`chkpnt --resume`, `restore --kill`) is allowed.
+        Stages are entered through vzpy.stage.enter, so a vzpy killed half-way leaves a stage from which
+        the matching recovery (`chkpnt --resume`, `restore --kill`) is allowed.
         """
         state = self.load_state()
-        if state.pending == "undump":
-            return Stage.UNDUMPED if self.cgroups.pids() else Stage.STOPPED
-        if state.stage is Stage.STOPPED or not state.init_alive():
-            return Stage.STOPPED
-        if state.stage is Stage.RUNNING:
-            return Stage.SUSPENDED if self.cgroups.freezer_state() != "THAWED" else Stage.RUNNING
-        return state.stage
+        return settled(state, self.facts(state))
 
     def nproc(self) -> int:
         return len(self.cgroups.pids())

@@ -15,8 +15,10 @@ class VzError(Exception):
         self.detail = detail
 
 
-class SystemError_(VzError):
-    exit_code = 3
+class SystemFailure(VzError):
+    """The host cannot do it: a program or privilege vzpy needs is missing, or a system call failed."""
+
+    exit_code = 3  # VZ_SYSTEM_ERROR
 
 
 class CommandFailed(VzError):
@@ -111,6 +113,22 @@ class TemplateNotFound(VzError):
 
 class NetworkError(VzError):
     exit_code = 136  # VZ_VETH_ERROR
+
+
+class CtFileError(VzError):
+    """A file inside a CT's root that vzpy could not reach or write without leaving the root."""
+
+    exit_code = 8  # VZ_COMMAND_EXECUTION_ERROR: the setting could not be applied inside the CT
+
+    def __init__(self, message: str, *, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno  # the OSError's, when one caused it
+
+
+class MigrationInDoubt(VzError):
+    """An unfinished migration may have left the CT running on the destination: this copy must not run."""
+
+    exit_code = 9  # VZ_LOCKED: the CT is held by an operation (the migration) until it is recovered
 
 
 class WrongStage(VzError):

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 import psutil
 
-from vzpy.config import ConfFile
-from vzpy.container import Container, RunState, parse_size
+from vzpy import scratch, stage
+from vzpy.config import ConfFile, default_hostname, parse_size, physpages_problem, shown
+from vzpy.container import Container, RunState, start_ticks
 from vzpy.errors import (
     BadConfig,
+    CtFileError,
     DestroyFailed,
     InvalidSyntax,
+    InvalidValue,
     IpInUse,
     MountFailed,
     NoDiskSpace,
@@ -26,18 +29,16 @@ from vzpy.errors import (
     VzError,
 )
 from vzpy.execution import set_hostname
+from vzpy.host import addresses, mounts
 from vzpy.runtime import linux, network
+from vzpy.runtime.ctfs import CtRoot
 from vzpy.runtime.launcher import InitSpec, launch
-from vzpy.stage import Action, Stage, transition
+from vzpy.stage import Action, Progress, Stage, quiet
 from vzpy.templates import TemplateStore
+from vzpy.units import human_size
 
 MIN_FREE_BYTES = 64 << 20
 STOP_TIMEOUT = 10.0
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 # --- create / destroy
@@ -53,8 +54,9 @@ def create(
 ) -> None:
     if ct.exists():
         raise PrivateExists(f"CT {ct.ctid} already exists ({ct.conf_path}); pick another CTID or destroy it")
+    ct.check_areas()
     private = ct.gconf.ve_private(ct.ctid)
-    if private.exists() and any(private.iterdir()):
+    if private.is_symlink() or (private.exists() and any(private.iterdir())):
         raise PrivateExists(f"private area {private} already exists; remove it or pick another CTID")
     for ip in ips:
         network.parse_ip(ip)
@@ -62,12 +64,12 @@ def create(
     store = TemplateStore(ct.gconf.template_dir)
     private.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(private.parent).free < MIN_FREE_BYTES:
-        raise NoDiskSpace(f"less than {MIN_FREE_BYTES >> 20} MiB free under {private.parent}; free some space")
+        raise NoDiskSpace(f"less than {human_size(MIN_FREE_BYTES)} free under {private.parent}; free some space")
     conf = ConfFile(path=ct.conf_path, lines=[f"# CT {ct.ctid}, created by vzpy"])
     conf.set("OSTEMPLATE", ostemplate)
     conf.set("VE_ROOT", str(ct.gconf.ve_root(ct.ctid)))
     conf.set("VE_PRIVATE", str(private))
-    conf.set("HOSTNAME", hostname or f"ct{ct.ctid}")
+    conf.set("HOSTNAME", hostname or default_hostname(ct.ctid))
     conf.set("IP_ADDRESS", " ".join(ips))
     store.install(ostemplate, private)  # unknown template: TemplateNotFound, nothing written
     try:
@@ -81,7 +83,9 @@ def destroy(ct: Container) -> None:
     stage = ct.stage()
     if stage is not Stage.STOPPED:
         raise VzError(f"CT {ct.ctid} is {stage.value}; stop it first with `vzpy stop {ct.ctid}`")
+    ct.check_areas()  # destroy deletes these: they must be this CT's own
     cleanup_leftovers(ct, ct.load_state())
+    refuse_mounts_in_areas(ct)
     try:
         shutil.rmtree(ct.private, ignore_errors=False) if ct.private.exists() else None
         if ct.root.is_dir():
@@ -92,27 +96,39 @@ def destroy(ct: Container) -> None:
     ct.clear_state()
 
 
+def refuse_mounts_in_areas(ct: Container) -> None:
+    """rmtree would delete through a mount (a bind of a host directory) left inside the areas: refuse."""
+    for area in (ct.private, ct.root):
+        below = mounts.mounts_below(area, including=True)
+        if below:
+            raise DestroyFailed(f"{below[0]} is mounted inside CT {ct.ctid}'s areas; unmount it, then destroy again")
+
+
 def _check_ips_free(ctid: str, ips: Sequence[str], others: Sequence[Container]) -> None:
-    wanted = {str(network.parse_ip(ip)) for ip in ips}
+    used = addresses.ips_in_use(ips, _ip_owners(others), ctid=ctid)
+    if used:
+        owner = next(iter(used.values()))  # the first CT in the order given
+        taken = sorted(ip for ip, by in used.items() if by == owner)
+        raise IpInUse(f"IP {', '.join(taken)} is already used by CT {owner}")
+
+
+def _ip_owners(others: Sequence[Container]) -> Iterator[addresses.Owner]:
     for other in others:
-        if other.ctid == ctid:
-            continue
         try:
-            taken = wanted & {str(network.parse_ip(ip)) for ip in other.ips}
+            yield other.ctid, other.ips
         except (VzError, OSError):
             continue
-        if taken:
-            raise IpInUse(f"IP {', '.join(sorted(taken))} is already used by CT {other.ctid}")
 
 
 # --- start / stop
 
 
-def start(ct: Container, progress: Progress = _quiet) -> RunState:
-    transition(ct.ctid, ct.stage(), Action.START)
-    state = ct.load_state()
-    cleanup_leftovers(ct, state)
+def start(ct: Container, progress: Progress = quiet) -> RunState:
+    entry = stage.enter(ct, Action.START)
+    scratch.remove_leftovers(ct)
+    cleanup_leftovers(ct, entry.state)
     if not ct.private.is_dir():
+        stage.persist(ct, entry.state, Stage.STOPPED)
         raise PrivateNotFound(f"private area {ct.private} of CT {ct.ctid} not found; recreate the CT")
     progress(f"Starting CT {ct.ctid} ...")
     mount_root(ct)
@@ -131,33 +147,39 @@ def start(ct: Container, progress: Progress = _quiet) -> RunState:
         network.configure_host_side(ct.veth, ct.ips)
     except BaseException:
         cleanup_leftovers(ct, RunState(veth=ct.veth, ips=ct.ips))
+        stage.persist(ct, entry.state, Stage.STOPPED)
         raise
-    state = RunState(
-        stage=Stage.RUNNING,
+    state = entry.commit(
         init_pid=init_pid,
         init_started=psutil.Process(init_pid).create_time(),
+        init_start_ticks=start_ticks(init_pid),
         veth=ct.veth,
         ips=ct.ips,
+        dumpfile="",
+        frozen_since=0.0,
     )
-    ct.save_state(state)
     progress(f"CT {ct.ctid} started: init pid {init_pid}" + (f", IP {' '.join(ct.ips)}" if ct.ips else ""))
     return state
 
 
-def stop(ct: Container, *, fast: bool = False, progress: Progress = _quiet) -> None:
-    state = ct.load_state()
-    transition(ct.ctid, ct.stage(), Action.STOP)
+def stop(ct: Container, *, fast: bool = False, progress: Progress = quiet) -> None:
+    entry = stage.enter(ct, Action.STOP)
+    scratch.remove_leftovers(ct)
     progress(f"Stopping CT {ct.ctid} ...")
     if not fast:
-        _terminate(ct, state)
-    kill(ct)
+        _terminate(ct, entry.state)
+    cleanup_leftovers(ct, entry.state)
+    entry.commit()
     progress(f"CT {ct.ctid} stopped")
 
 
 def kill(ct: Container) -> None:
-    """Kill whatever runs of the CT, at any stage (frozen too), and undo what its start set up: stopped."""
-    cleanup_leftovers(ct, ct.load_state())
-    ct.clear_state()
+    """Kill whatever runs of the CT, at any stage (frozen too), and undo what its start set up: stopped.
+
+    The way back from any failed or abandoned stage (a rollback), so it checks no transition."""
+    state = ct.load_state()
+    cleanup_leftovers(ct, state)
+    stage.persist(ct, state, Stage.STOPPED)
 
 
 def _terminate(ct: Container, state: RunState) -> None:
@@ -215,17 +237,17 @@ def cleanup_leftovers(ct: Container, state: RunState) -> None:
 # --- the root mount
 
 
-def is_mounted(path: Path) -> bool:
-    target = os.fspath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 def mount_root(ct: Container) -> None:
     """Bind the private area onto VE_ROOT (as vzctl mount does), private propagation."""
-    if is_mounted(ct.root):
+    ct.check_areas()
+    if mounts.is_mounted(ct.root):
         return
     ct.root.mkdir(parents=True, exist_ok=True)
+    if any(ct.root.iterdir()):
+        raise MountFailed(
+            f"VE_ROOT {ct.root} of CT {ct.ctid} is not empty: the private area is mounted over it; "
+            "empty it or set VE_ROOT to an empty directory of the CT's own"
+        )
     try:
         linux.mount(os.fspath(ct.private), ct.root, None, linux.MS_BIND)
         linux.mount(None, ct.root, None, linux.MS_PRIVATE)
@@ -234,7 +256,8 @@ def mount_root(ct: Container) -> None:
 
 
 def umount_root(ct: Container) -> None:
-    while is_mounted(ct.root):
+    ct.check_areas()  # a VE_ROOT of "/" or /usr must never be unmounted
+    while mounts.is_mounted(ct.root):
         try:
             linux.umount(ct.root)
         except OSError:
@@ -242,9 +265,13 @@ def umount_root(ct: Container) -> None:
 
 
 def _write_hostname(ct: Container) -> None:
-    etc = ct.root / "etc"
-    if etc.is_dir() and not etc.is_symlink():
-        (etc / "hostname").write_text(ct.hostname + "\n")
+    """The CT's /etc/hostname, resolved as the CT sees it: a symlink there is replaced, not followed out."""
+    try:
+        with CtRoot(ct.root) as root:
+            root.write_atomic("/etc/hostname", f"{ct.hostname}\n".encode())
+    except CtFileError as e:
+        if e.errno != errno.ENOENT:  # a CT without /etc has no file to keep in step
+            raise CtFileError(f"CT {ct.ctid}: {e.message}; fix or remove the CT's /etc/hostname") from e
 
 
 # --- set
@@ -264,6 +291,7 @@ def apply_settings(
 ) -> list[str]:
     """Apply to the running CT and/or save to CTID.conf; returns notes for the operator."""
     conf = ct.conf
+    ct.check_areas()
     running = ct.stage() is Stage.RUNNING
     if not running and not save:
         raise InvalidSyntax(f"CT {ct.ctid} is not running, so nothing can be applied: add --save to store it")
@@ -273,6 +301,8 @@ def apply_settings(
     ips = [ip for ip in ct.ips if ip not in del_ips] + [ip for ip in add_ips if ip not in ct.ips]
     if memory is not None:
         parse_size(memory, what="memory")
+        if problem := physpages_problem(memory):
+            raise InvalidValue(f"invalid memory {shown(memory)}: {problem}")
         conf.set("PHYSPAGES", f"0:{memory}")
     if cpus is not None:
         conf.set("CPUS", f"{cpus:g}")
@@ -301,15 +331,15 @@ def _apply_live(ct: Container, hostname: str | None, add_ips: Sequence[str], del
     for ip in add_ips:
         network.add_ct_address(state.init_pid, ip)
         network.add_host_route(state.veth, ip)
-    state.ips = ct.ips
-    ct.save_state(state)
+    stage.remember(ct, state, ips=ct.ips)
 
 
 def check_config(ct: Container) -> None:
     """Fail early on values that would only break at start."""
+    ct.limits  # noqa: B018 - parsing is the check; a bad value is BadConfig naming its file:line
+    ct.hostname  # noqa: B018
     try:
-        ct.limits  # noqa: B018 - parsing is the check
         for ip in ct.ips:
             network.parse_ip(ip)
     except VzError as e:
-        raise BadConfig(f"{ct.conf_path}: {e.message}") from e
+        raise BadConfig(f"{ct.conf.where('IP_ADDRESS')}: {e.message}; fix the line") from e

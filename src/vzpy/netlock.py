@@ -7,12 +7,17 @@ CRIU itself is then told not to lock (network_lock=skip).
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 from vzpy import proc
 from vzpy.errors import NetworkError
 
 TABLE = "vzpy_netlock"
+# CRIU's own network lock (`network_lock=nftables`): `table inet CRIU-<run id>`, removed by CRIU when it
+# finishes, but left behind (dropping all traffic, lo included) when CRIU is killed mid-dump.
+_CRIU_TABLE = re.compile(r"^table inet (CRIU-[0-9A-Za-z-]+)$")
+NFT_TIMEOUT = 30.0  # nft waits for the nftables lock: never forever
 RULESET = f"""
 table inet {TABLE} {{
     chain input {{ type filter hook input priority -300; policy drop; iif "lo" accept; }}
@@ -23,7 +28,8 @@ table inet {TABLE} {{
 
 def _nft(init_pid: int, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     argv = ["nsenter", f"--net=/proc/{init_pid}/ns/net", "--", "nft", *args]
-    return proc.run(argv, input=input, check=check, error=NetworkError, what="nft in the CT's network namespace")
+    what = "nft in the CT's network namespace"
+    return proc.run(argv, input=input, check=check, error=NetworkError, what=what, timeout=NFT_TIMEOUT)
 
 
 def lock(init_pid: int) -> None:
@@ -38,3 +44,17 @@ def unlock(init_pid: int) -> None:
 
 def is_locked(init_pid: int) -> bool:
     return _nft(init_pid, "list", "table", "inet", TABLE, check=False).returncode == 0
+
+
+def criu_locks(init_pid: int) -> set[str]:
+    """The names of CRIU's lock tables in the CT's netns."""
+    listed = _nft(init_pid, "list", "tables", "inet", check=False)
+    return {m.group(1) for line in listed.stdout.splitlines() if (m := _CRIU_TABLE.match(line.strip()))}
+
+
+def remove_criu_locks(init_pid: int, keep: set[str]) -> list[str]:
+    """Remove CRIU's lock tables but those in `keep` (there before the CRIU run that left the others)."""
+    removed = sorted(criu_locks(init_pid) - keep)
+    for name in removed:
+        _nft(init_pid, "delete", "table", "inet", name)
+    return removed

@@ -3,7 +3,7 @@
 - "minimal" is built in: assembled in seconds from the host's static busybox, never cached.
 - Any other template is a tarball NAME.tar.{zst,xz,gz} in the template cache (vz.conf TEMPLATE);
   `create_debian` makes one with debootstrap.
-Every template vzpy builds runs the vzpy init (templates/minimal/vzpy-init) as /sbin/init.
+Every template vzpy builds runs the vzpy init (template_data/vzpy-init) as /sbin/init.
 """
 
 from __future__ import annotations
@@ -12,31 +12,37 @@ import errno
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
+from vzpy import fileio
 from vzpy.errors import (
     BadTemplate,
     CommandFailed,
+    CtFileError,
     InvalidValue,
     NoDiskSpace,
     PrivateExists,
-    SystemError_,
+    SystemFailure,
     TemplateNotFound,
     VzError,
 )
+from vzpy.host import mounts
 from vzpy.proc import run, tail
+from vzpy.runtime.ctfs import CtRoot
+from vzpy.units import human_size
 
 MINIMAL = "minimal"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # Preference order when one name exists with several compressions.
 TARBALL_FORMATS = {".tar.zst": "--zstd", ".tar.xz": "--xz", ".tar.gz": "--gzip"}
 BUSYBOX = Path("/bin/busybox")
-INIT_SCRIPT = files("vzpy") / "templates" / "minimal" / "vzpy-init"
+INIT_SCRIPT = files("vzpy") / "template_data" / "vzpy-init"
 # Paths in the CT that must lead to an executable for it to start.
 REQUIRED = (("sbin/init", "sbin/vzpy-init"), ("bin/sh",))
 # Applets the minimal template does not link: the vzpy init is /sbin/init; linuxrc is for initrds.
@@ -45,7 +51,6 @@ TAR_KEEP = ("--numeric-owner", "--xattrs", "--xattrs-include=*")
 TAR_TIMEOUT = 1800.0
 DEBOOTSTRAP_TIMEOUT = 3600.0
 DEBIAN_MIN_FREE = 512 << 20
-MAX_SYMLINK_HOPS = 40
 PT_INTERP = 3
 
 MINIMAL_DIRS = {
@@ -120,7 +125,7 @@ class TemplateStore:
             say(f"packing {target}")
             packed = build / target.name
             _pack(rootfs, packed)
-            os.replace(packed, target)
+            fileio.replace_durably(packed, target)
         finally:
             _remove_tree(build)
         say(f"template {name} ready: {target}")
@@ -161,47 +166,28 @@ def init_script() -> bytes:
 
 def resolve_in(root: Path, path: str) -> Path | None:
     """Host path of `path` as seen from inside `root` (absolute links restart at root); None if absent."""
-    pending = _parts(path)
-    current = root
-    for _hop in range(MAX_SYMLINK_HOPS):
-        while pending:
-            part = pending.pop(0)
-            if part == "..":
-                current = current.parent if current != root else root
-                continue
-            candidate = current / part
-            if candidate.is_symlink():
-                target = os.readlink(candidate)
-                current = root if target.startswith("/") else current
-                pending = _parts(target) + pending
-                break
-            if not candidate.exists():
-                return None
-            current = candidate
-        else:
-            return current
-    return None
-
-
-def _parts(path: str) -> list[str]:
-    return [part for part in PurePosixPath(path).parts if part not in ("/", ".")]
+    with CtRoot(root) as ct_root:
+        return ct_root.resolve(path)
 
 
 def check_usable(root: Path, name: str) -> None:
     """A CT needs an init and a shell: raise BadTemplate unless `root` has both."""
-    for choices in REQUIRED:
-        if not any(_is_executable(resolve_in(root, path)) for path in choices):
-            wanted = " or ".join(f"/{path}" for path in choices)
-            raise BadTemplate(f"template {name!r} is not a usable container: no executable {wanted}")
+    with CtRoot(root) as ct_root:
+        for choices in REQUIRED:
+            if not any(_is_executable(ct_root.stat(path)) for path in choices):
+                wanted = " or ".join(f"/{path}" for path in choices)
+                raise BadTemplate(f"template {name!r} is not a usable container: no executable {wanted}")
 
 
-def _is_executable(path: Path | None) -> bool:
-    return path is not None and path.is_file() and os.stat(path).st_mode & 0o111 != 0
+def _is_executable(st: os.stat_result | None) -> bool:
+    return st is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 != 0
 
 
 @contextmanager
 def _populating(private: Path) -> Iterator[Path]:
     """Yield `private` to fill in; on any failure remove what was written (and the dir, if made here)."""
+    if private.is_symlink():
+        raise PrivateExists(f"private area {private} is a symlink; remove it (vzpy populates only real directories)")
     created = not private.exists()
     if not created and (not private.is_dir() or any(private.iterdir())):
         raise PrivateExists(f"private area {private} already exists and is not empty")
@@ -227,19 +213,8 @@ def _remove_tree(path: Path) -> None:
 
 
 def _unmount_below(path: Path) -> None:
-    prefix = str(path.resolve()).rstrip("/") + "/"
-    for mountpoint in sorted(_mountpoints(), reverse=True):
-        if mountpoint.startswith(prefix):
-            run(["umount", "--lazy", mountpoint], what=f"unmounting {mountpoint}")
-
-
-def _mountpoints() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [_unescape(line.split()[4]) for line in f]
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    for mountpoint in sorted(mounts.mounts_below(path.resolve()), reverse=True):
+        run(["umount", "--lazy", mountpoint], what=f"unmounting {mountpoint}")
 
 
 def _extract(tarball: Path, root: Path, name: str) -> None:
@@ -282,9 +257,9 @@ def build_minimal(root: Path) -> None:
 
 def _static_busybox() -> Path:
     if not BUSYBOX.is_file():
-        raise SystemError_(f"{BUSYBOX} is missing: the minimal template needs busybox-static; run `make setup`")
+        raise SystemFailure(f"{BUSYBOX} is missing: the minimal template needs busybox-static; run `make setup`")
     if not _is_static(BUSYBOX):
-        raise SystemError_(
+        raise SystemFailure(
             f"{BUSYBOX} is dynamically linked and cannot run inside a CT: "
             "install busybox-static instead of busybox (run `make setup`)"
         )
@@ -327,28 +302,27 @@ def _link_applets(root: Path, busybox: Path) -> None:
 
 
 def install_init(root: Path) -> None:
-    """Put the vzpy init at /sbin/vzpy-init and, if the tree has no init, link /sbin/init to it."""
-    sbin = resolve_in(root, "sbin")
-    if sbin is None:
-        sbin = root / "sbin"
-        sbin.mkdir(mode=0o755)
-    if not sbin.is_dir():
-        raise BadTemplate(f"/sbin in {root} is not a directory")
-    script = sbin / "vzpy-init"
-    script.unlink(missing_ok=True)  # a symlink here must not be written through
-    script.write_bytes(init_script())
-    os.chmod(script, 0o755)
-    init = sbin / "init"
-    if not init.is_symlink() and not init.exists():
-        init.symlink_to("vzpy-init")
+    """Put the vzpy init at /sbin/vzpy-init and, if the tree has no init, link /sbin/init to it.
+
+    Paths resolve inside `root` (a template's /sbin may be a link to usr/sbin) and never out of it.
+    """
+    try:
+        with CtRoot(root) as ct_root:
+            ct_root.mkdir("/sbin")
+            ct_root.write_atomic("/sbin/vzpy-init", init_script(), mode=0o755)
+            ct_root.symlink("vzpy-init", "/sbin/init")
+    except CtFileError as e:
+        raise BadTemplate(f"cannot install the vzpy init: {e.message}") from e
 
 
 def prepare_debian(rootfs: Path) -> None:
     """Make a debootstrapped tree a vzpy template: the init, a services dir, a neutral hostname, no .debs."""
     os.chmod(rootfs, 0o755)
     install_init(rootfs)
-    (rootfs / "etc/vzpy/services").mkdir(parents=True, exist_ok=True)
-    (rootfs / "etc/hostname").write_text("localhost\n")
+    with CtRoot(rootfs) as ct_root:
+        for directory in ("/etc/vzpy", "/etc/vzpy/services"):
+            ct_root.mkdir(directory)
+        ct_root.write_atomic("/etc/hostname", b"localhost\n")
     for deb in (rootfs / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
 
@@ -367,10 +341,10 @@ def _debootstrap(suite: str, rootfs: Path, mirror: str) -> None:
 
 def _require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise SystemError_(f"{what} needs root")
+        raise SystemFailure(f"{what} needs root")
 
 
 def _require_free(path: Path, needed: int) -> None:
     free = shutil.disk_usage(path).free
     if free < needed:
-        raise NoDiskSpace(f"{path} has {free >> 20} MiB free; {needed >> 20} MiB needed")
+        raise NoDiskSpace(f"{path} has {human_size(free)} free; {human_size(needed)} needed")

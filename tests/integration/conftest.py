@@ -1,4 +1,4 @@
-"""Fixtures for multi-host tests (live migration): see testhosts.py for what a test host is.
+"""Fixtures for multi-host tests (live migration): see vzpy_lab.netns for what a test host is.
 
 - `test_network` (session): the switch + client namespaces; stale networks of killed runs are reaped first.
 - `host_a`, `host_b` (module): two hosts on it, fresh for every test module.
@@ -15,7 +15,8 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import pytest
-from testhosts import ClientKey, HostCleanupError, TestHost, TestNetwork, reap_stale
+
+from vzpy_lab.netns import ClientKey, HostCleanupError, TestHost, TestNetwork, reap_stale
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -20,12 +21,20 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_real
 from vzpy.criu import Criu, CriuBinary, CriuOptions, NetworkLock, derive_plan, detect_capabilities, require_criu
 from vzpy.errors import ChkpntError, RestoreError
 
-pytest.importorskip("pycriu", reason="pycriu comes with `make setup`")
+try:
+    import pycriu  # noqa: F401 - vzpy's RPC speaks pycriu's messages
+except ImportError:
+    # In CI (VZPY_REQUIRE_REAL=1) a missing pycriu is a broken environment: fail, never skip.
+    if require_real():
+        raise
+    pytest.skip("pycriu comes with `make setup`", allow_module_level=True)
 
 WAIT = 10.0  # bound for every wait on a process or a counter
+STUCK_CRIU_WAIT = 120.0  # far more than the dump's timeout plus the grace vzpy gives a killed CRIU
 COUNTER_SCRIPT = 'i=0; while :; do i=$((i+1)); echo "$i" > {counter}; sleep 0.05; done'
 
 
@@ -272,6 +281,80 @@ def test_silent_criu_times_out_and_is_killed(tmp_path: Path) -> None:
     with pytest.raises(RestoreError, match=r"timed out after 0\.5s \(CRIU killed\)"):
         Criu(silent, timeout=0.5).restore(CriuOptions(images_dir=tmp_path))
     assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def frozen_stopped_tree(counter_tree: CounterTree) -> Iterator[Path]:
+    """The counter tree's root stopped (SIGSTOP) and then frozen, alone in a v1 freezer cgroup (its path)."""
+    os.kill(counter_tree.pid, signal.SIGSTOP)
+    children = Path(f"/proc/{counter_tree.pid}/task/{counter_tree.pid}/children")
+    wait_until(lambda: all(_is_zombie(int(pid)) for pid in children.read_text().split()), "its last sleep to exit")
+    freezer = Path(f"/sys/fs/cgroup/freezer/vzpy-test-rpc-{os.getpid()}")
+    freezer.mkdir()
+    try:
+        (freezer / "cgroup.procs").write_text(str(counter_tree.pid))
+        (freezer / "freezer.state").write_text("FROZEN")
+        wait_until(lambda: (freezer / "freezer.state").read_text().strip() == "FROZEN", "the freezer")
+        yield freezer
+    finally:
+        (freezer / "freezer.state").write_text("THAWED")
+        os.kill(counter_tree.pid, signal.SIGKILL)
+        wait_until(lambda: (freezer / "cgroup.procs").read_text().strip() == "", "the tree to leave the cgroup")
+        freezer.rmdir()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.root
+def test_a_criu_blocked_seizing_a_stopped_frozen_task_is_killed_at_its_deadline(
+    usable_criu: CriuBinary, counter_tree: CounterTree, frozen_stopped_tree: Path, tmp_path: Path
+) -> None:
+    """Given the freezer of a task both stopped and frozen, CRIU blocks in the kernel's ptrace attach (until a
+    thaw); its deadline still ends it, and the caller gets its error without waiting for the thaw."""
+    outcome: list[BaseException] = []
+
+    def dump() -> None:
+        opts = CriuOptions(images_dir=images_dir(tmp_path), pid=counter_tree.pid, freeze_cgroup=frozen_stopped_tree)
+        try:
+            Criu(usable_criu, timeout=4.0).dump(opts)
+        except BaseException as e:
+            outcome.append(e)
+
+    caller = threading.Thread(target=dump, daemon=True)
+    caller.start()
+    caller.join(STUCK_CRIU_WAIT)
+    stuck = caller.is_alive()
+    (frozen_stopped_tree / "freezer.state").write_text("THAWED")  # lets a CRIU stuck in the kernel go on
+    caller.join(STUCK_CRIU_WAIT)
+    assert not stuck, "the dump's caller still waits for a killed CRIU"
+    assert len(outcome) == 1 and isinstance(outcome[0], ChkpntError), outcome
+    assert "timed out after 4s" in outcome[0].message, outcome[0].message
+    assert (frozen_stopped_tree / "cgroup.procs").read_text().split() == [str(counter_tree.pid)]
+
+
+@pytest.mark.root
+def test_a_dump_past_abort_after_stops_cleanly_and_leaves_the_tree_running(
+    usable_criu: CriuBinary, counter_tree: CounterTree, tmp_path: Path
+) -> None:
+    """abort_after runs out while CRIU holds the tree (here: during the network-lock notification); CRIU is told
+    to abort there, not killed (a SIGKILL while its parasite code runs in a task kills that task)."""
+    seen: list[str] = []
+
+    def slow_network_lock(script: str, _pid: int) -> None:
+        seen.append(script)
+        if script == "network-lock":
+            time.sleep(1.0)
+
+    opts = CriuOptions(images_dir=images_dir(tmp_path), pid=counter_tree.pid, leave_running=True)
+    with pytest.raises(ChkpntError, match=r"ran past its 0\.5s and was aborted at network-lock") as caught:
+        Criu(usable_criu, timeout=30).dump(opts, notify=slow_network_lock, abort_after=0.5)
+    assert "timed out" not in caught.value.message and "post-dump" not in seen
+    counter_tree.wait_for_progress()  # released intact
 
 
 # --- asking CRIU about itself ---

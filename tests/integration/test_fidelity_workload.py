@@ -1,4 +1,4 @@
-"""The state-fidelity workload (tests/workload/fidelity.c) and its clients.
+"""The state-fidelity workload (vzpy_lab/workload/fidelity.c) and its clients.
 
 (a) it builds, runs on the host bound to 127.0.0.1, and VERIFY reports every item ok (repeatably);
 (b) VERIFY does fail: external damage to one piece of state turns exactly the affected items FAIL;
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from workload import build
-from workload.client import ITEMS, Connector, EchoStream, FidelityClient, default_connect, failures
+from vzpy_lab.workload import build
+from vzpy_lab.workload.client import ITEMS, Connector, EchoStream, FidelityClient, default_connect, failures
 
 CACHE_DIR = Path(os.environ.get("VZPY_WORKLOAD_CACHE", "/tmp/vzpy-workload-cache"))
 CRIU_CANDIDATES = (os.environ.get("VZPY_CRIU", ""), "/opt/vzpy/criu/bin/criu", shutil.which("criu") or "")
@@ -378,8 +378,9 @@ class NsWorkload:
             raise CriuError(f"criu {action} failed ({result.returncode}):\n" + "\n".join(errors[-15:]))
 
     def dump(self, *extra: str) -> None:
+        # --link-remap: the workload holds an open file whose name was unlinked while another link remains
         self.criu("dump", "-t", str(self.init_pid), "--tcp-established", "--network-lock", "nftables",
-                  *extra, log="dump.log")  # fmt: skip
+                  "--link-remap", *extra, log="dump.log")  # fmt: skip
 
     def restore(self) -> None:
         pidfile = self.images / "restored.pid"

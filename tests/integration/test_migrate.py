@@ -8,14 +8,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from testhosts import TestHost, TestNetwork
 
-from workload.build import build_fidelity
-from workload.client import EchoStream, FidelityClient, failures
+from vzpy_lab.netns import TestHost, TestNetwork
+from vzpy_lab.workload.build import build_fidelity
+from vzpy_lab.workload.client import EchoStream, FidelityClient, failures
 
 pytestmark = pytest.mark.root
 PORT = 7000
@@ -128,17 +129,21 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(host_a, host_b, worklo
 
 
 def test_failing_remote_restore_rolls_back_to_the_source(host_a, host_b, workload_ct) -> None:
-    """Make the destination's CRIU fail (a bogus CRIU binary there): the CT must keep running on host_a."""
+    """The destination's real CRIU fails the restore itself (CRIU's own fault injection: CRIU_FAULT=2 restores
+    the root task only, then fails), after the pages and images arrived: the CT keeps running on host_a with
+    its connection, and host_b is left clean."""
     _ip, client, echo = workload_ct
-    fake = host_b.path("/etc/vz/vz.conf")
-    original = fake.read_text()
-    fake.write_text(original + 'CRIU="/bin/false"\n')
+    wrapper = host_b.path("/vz/vzpy-with-criu-fault")
+    wrapper.write_text('#!/bin/sh\nCRIU_FAULT=2 exec vzpy "$@"\n')
+    wrapper.chmod(0o755)
     try:
-        result = vzpy(host_a, "migrate", "--online", "-f", "criu", host_b.address, CTID)
+        result = vzpy(host_a, "migrate", "--online", "--remote-vzpy", "/vz/vzpy-with-criu-fault", host_b.address, CTID)
     finally:
-        fake.write_text(original)
-    assert result.returncode != 0
-    assert "rolling back" in result.stdout
+        wrapper.unlink()
+    output = result.stdout + result.stderr
+    assert result.returncode == 7, output  # MIG_ERR_RESTORE_VPS
+    assert "copy images: done" in output and "rolling back" in output, output
+    assert "resume on destination" not in output, output
     assert status(host_a) == "running" and status(host_b) == "absent"
     assert not host_b.path(f"/vz/private/{CTID}").exists() or not any(host_b.path(f"/vz/private/{CTID}").iterdir())
     echo.exchange(64 * 1024)
@@ -237,3 +242,48 @@ def test_a_failing_dump_on_the_source_rolls_back(host_a, host_b, workload_ct) ->
     assert status(host_a) == "running" and status(host_b) == "absent"
     echo.exchange(64 * 1024)
     assert_all_ok(client)
+
+
+SMALL_CTID = "102"
+
+
+@pytest.fixture
+def small_ct(host_a: TestHost, host_b: TestHost, test_network: TestNetwork):
+    """CT 102 on host_a: the minimal template's init and nothing else (a migration takes a second or two)."""
+    ip = test_network.new_ct_address()
+    created = vzpy(host_a, "create", SMALL_CTID, "--ostemplate", "minimal", "--ipadd", ip)
+    assert created.returncode == 0, created.stderr
+    assert vzpy(host_a, "start", SMALL_CTID).returncode == 0
+    try:
+        yield ip
+    finally:
+        for host in (host_a, host_b):
+            vzpy(host, "stop", "--fast", SMALL_CTID)
+            vzpy(host, "destroy", SMALL_CTID)
+            for leftover in host.path("/etc/vz/conf").glob(f"{SMALL_CTID}.conf*"):
+                leftover.unlink()
+            shutil.rmtree(host.path(f"/vz/private/{SMALL_CTID}"), ignore_errors=True)
+
+
+def test_the_destination_announces_the_ct_only_where_its_network_is(host_a, host_b, small_ct) -> None:
+    """host_b gets a second interface on another network: the CT's address is announced on eth0 (the
+    CT's network) and nowhere else, as vzctl's NEIGHBOUR_DEVS=detect does."""
+    ip = small_ct
+    setup = [
+        ["ip", "link", "add", "vzx0", "type", "veth", "peer", "name", "vzx1"],
+        ["ip", "addr", "add", "192.168.231.1/24", "dev", "vzx0"],
+        ["ip", "link", "set", "vzx0", "up"],
+        ["ip", "link", "set", "vzx1", "up"],
+    ]
+    for argv in setup:
+        assert host_b.run(argv).returncode == 0
+    try:
+        script = f"from vzpy.runtime.network import announce; print(','.join(announce({ip!r})))"
+        direct = host_b.run([sys.executable, "-c", script])
+        assert direct.returncode == 0 and direct.stdout.strip() == "eth0", direct.stdout + direct.stderr
+        result = vzpy(host_a, "migrate", "--online", "--json", host_b.address, SMALL_CTID)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert json.loads(result.stdout)["announced"] == ["eth0"]
+        assert status(host_b, SMALL_CTID) == "running" and status(host_a, SMALL_CTID) == "absent"
+    finally:
+        host_b.run(["ip", "link", "del", "vzx0"])

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testhosts import TestHost, TestNetwork
 
 from vzpy.migrate import (
     AuthFailed,
@@ -23,9 +22,10 @@ from vzpy.migrate import (
     HostKeyUnknown,
     Unreachable,
 )
-from vzpy.migrate.agent import RemoteAgent, connect_agent
+from vzpy.migrate.remote import RemoteAgent, connect_agent
 from vzpy.migrate.ssh import SshSession, parse_target
 from vzpy.migrate.tunnel import listening
+from vzpy_lab.netns import TestHost, TestNetwork
 
 pytestmark = pytest.mark.root
 
@@ -201,6 +201,7 @@ def test_hello_reports_host_b_facts(agent: RemoteAgent, host_b: TestHost) -> Non
     assert hello["disk"]["dump"]["path"] == "/vz/dump"
     assert hello["criu"]["ok"] is True, hello["criu"]
     assert hello["cpu"]["flags"] and hello["kernel"] == os.uname().release
+    assert hello["cgroups"] == ["freezer", "memory", "cpu", "pids", "devices"]
 
 
 def test_missing_remote_vzpy_says_so(host_a: TestHost, host_b: TestHost) -> None:
@@ -249,7 +250,7 @@ def test_signalled_agent_rolls_back(agent: RemoteAgent, host_b: TestHost) -> Non
 
 def test_commit_makes_the_ct_host_b_s(agent: RemoteAgent, host_b: TestHost) -> None:
     agent.prepare("303", CONF_TEXT, token="t303")
-    agent.commit("303")
+    agent.start("303", start=False, timeout=30)  # commit without running it
     conf = host_b.path("/etc/vz/conf/303.conf")
     try:
         assert 'VE_PRIVATE="/vz/private/303"' in conf.read_text()

@@ -14,19 +14,11 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from testhosts import (
-    CGROUP_ROOT,
-    SSH_PORT,
-    ClientKey,
-    HostSetupError,
-    Residents,
-    TestHost,
-    TestNetwork,
-    cgroup_dirs,
-    netns_path,
-    ns_id,
-    reap_stale,
-)
+
+from vzpy_lab.netns import ClientKey, HostSetupError, TestHost, TestNetwork, reap_stale
+from vzpy_lab.netns.layout import CGROUP_ROOT, SSH_PORT, netns_path
+from vzpy_lab.netns.reaper import Residents, cgroup_dirs
+from vzpy_lab.netns.system import ns_id
 
 pytestmark = pytest.mark.root
 
@@ -46,9 +38,9 @@ LISTENER = textwrap.dedent(
 ORPHAN_MAKER = textwrap.dedent(
     """\
     import os, subprocess, sys
-    sys.path.insert(0, sys.argv[1])
-    import testhosts
-    network = testhosts.TestNetwork.create(testhosts.Path(sys.argv[2]))
+    from pathlib import Path
+    from vzpy_lab.netns import TestNetwork
+    network = TestNetwork.create(Path(sys.argv[1]))
     host = network.add_host("orphan")
     host.popen(["sleep", "600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     print(host.netns, flush=True)
@@ -280,7 +272,7 @@ def test_setup_is_fast_and_stop_leaves_nothing(test_network: TestNetwork) -> Non
 
 
 def test_reap_stale_cleans_up_after_a_killed_run(tmp_path: Path) -> None:
-    maker = [sys.executable, "-c", ORPHAN_MAKER, str(Path(__file__).parent), str(tmp_path)]
+    maker = [sys.executable, "-c", ORPHAN_MAKER, str(tmp_path)]
     try:
         made = subprocess.run(maker, capture_output=True, text=True, timeout=30)
         assert made.returncode == 0, made.stderr

@@ -1,4 +1,7 @@
-"""The real `vzpy` entry point as a subprocess, against a vz.conf in tmp_path: help, usage errors, exit codes."""
+"""The checkout's `vzpy` entry point as a subprocess, against a vz.conf in tmp_path: help, usage errors, exit codes.
+
+`python -m vzpy` with this checkout's src/ first on PYTHONPATH: the code under test, not whatever vzpy is installed.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,8 @@ import pytest
 from vzpy import __version__
 from vzpy.cli import EPILOG, cli
 
-VENV_VZPY = Path("/opt/vzpy/venv/bin/vzpy")
-VZPY = [str(VENV_VZPY)] if VENV_VZPY.exists() else [sys.executable, "-m", "vzpy"]
+SRC = Path(__file__).resolve().parents[2] / "src"
+VZPY = [sys.executable, "-m", "vzpy"]
 
 # Commands that exist today; the group may grow (chkpnt, restore, migrate), which the tests pick up from `cli`.
 CORE_COMMANDS = {
@@ -65,13 +68,33 @@ def vzroot(tmp_path: Path) -> Path:
     return conf
 
 
+def checkout_env(conf: Path | None) -> dict[str, str]:
+    """The caller's environment without VZPY_* settings, this checkout's src/ first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VZPY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])])
+    if conf is not None:
+        env["VZPY_CONF"] = str(conf)
+    return env
+
+
 def run(
     *args: str, conf: Path | None, argv0: list[str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VZPY_")}
-    if conf is not None:
-        env["VZPY_CONF"] = str(conf)
+    env = checkout_env(conf)
     return subprocess.run([*(argv0 or VZPY), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_command_runs_this_checkouts_code() -> None:
+    """src/ comes before site-packages, so an installed vzpy (editable from elsewhere, or not) never wins."""
+    show = "import json, sys, vzpy.cli; print(json.dumps([vzpy.cli.__file__, sys.path]))"
+    result = subprocess.run(
+        [sys.executable, "-c", show], env=checkout_env(None), capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    cli_file, path = json.loads(result.stdout)
+    assert Path(cli_file) == SRC / "vzpy" / "cli" / "__init__.py"
+    site = min(i for i, entry in enumerate(path) if entry.endswith("-packages"))
+    assert str(SRC) in path[:site], path
 
 
 def stderr_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
@@ -139,8 +162,10 @@ def test_version(vzroot: Path) -> None:
     assert __version__ == "0.1.0"
 
 
-def test_python_dash_m(vzroot: Path) -> None:
-    result = run("--version", conf=vzroot, argv0=[sys.executable, "-m", "vzpy"])
+def test_installed_entry_point(vzroot: Path) -> None:
+    """The console script `make setup` installs reaches the same command line (installed editable here)."""
+    script = Path(sys.executable).with_name("vzpy")
+    result = run("--version", conf=vzroot, argv0=[str(script)])
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"vzpy, version {__version__}\n"
 

@@ -8,7 +8,7 @@ import pytest
 
 from vzpy import config
 from vzpy.config import GLOBAL_DEFAULTS, ConfFile, GlobalConfig, validate_ctid
-from vzpy.errors import BadConfig, GlobalConfigNotFound, InvalidValue, VzError
+from vzpy.errors import BadConfig, GlobalConfigNotFound, InvalidValue
 
 CONF = Path("/etc/vz/conf/101.conf")
 
@@ -179,10 +179,10 @@ def test_set_empty_value() -> None:
 @pytest.mark.parametrize("value", ["it's", "a b  c", "  padded ", "$VEID", "0:256M", "x=y", "#notacomment"])
 def test_set_then_parse_round_trips(value: str) -> None:
     conf = ConfFile.parse(CONF, SAMPLE)
-    conf.set("HOSTNAME", value)
+    conf.set("OPERATOR_NOTE", value)
     conf.set("NEWKEY", value)
     assert ConfFile.parse(CONF, conf.text()).values == conf.values
-    assert conf.values["HOSTNAME"] == value
+    assert conf.values["OPERATOR_NOTE"] == value
     assert conf.values["NEWKEY"] == value
 
 
@@ -349,12 +349,16 @@ def test_explicit_missing_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert info.value.exit_code == 10
 
 
-def test_empty_vzpy_conf_is_a_vz_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_empty_vzpy_conf_counts_as_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VZPY_CONF", "")
-    try:
-        GlobalConfig.load()
-    except VzError:
-        pass  # either "unset" (defaults) or GlobalConfigNotFound would be fine
+    monkeypatch.setattr(config, "DEFAULT_GLOBAL_CONF", tmp_path / "absent.conf")
+    loaded = GlobalConfig.load()
+    assert (loaded.path, loaded.exists, loaded.values) == (tmp_path / "absent.conf", False, GLOBAL_DEFAULTS)
+    default = tmp_path / "vz.conf"
+    default.write_text('DUMPDIR="/elsewhere"\n')
+    monkeypatch.setattr(config, "DEFAULT_GLOBAL_CONF", default)
+    loaded = GlobalConfig.load()
+    assert (loaded.path, loaded.exists, loaded.dumpdir) == (default, True, Path("/elsewhere"))
 
 
 def test_vzpy_conf_selects_the_file_and_keys_override_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -441,3 +445,178 @@ def test_invalid_ctids(ctid: str) -> None:
 def test_ctid_with_trailing_newline_is_invalid(ctid: str) -> None:
     with pytest.raises(InvalidValue):
         validate_ctid(ctid)
+
+
+def test_set_on_a_duplicated_key_keeps_the_keys_after_it() -> None:
+    conf = ConfFile.parse(CONF, 'A="1"\nA="2"\nB="3"\n')
+    conf.set("A", "9")
+    assert conf.text() == 'A="9"\nB="3"\n'
+    assert ConfFile.parse(CONF, conf.text()).values == {"A": "9", "B": "3"}
+
+
+def test_set_on_a_key_duplicated_around_others_edits_the_last_line() -> None:
+    conf = ConfFile.parse(CONF, 'A="1"\nB="3"\nA="2"\nC="4"\n')
+    conf.set("A", "9")
+    assert conf.text() == 'B="3"\nA="9"\nC="4"\n'
+
+
+# --- CTID limits
+
+
+@pytest.mark.parametrize("ctid", ["x" * config.MAX_CTID_LENGTH, "4294967295", "0" * 20, "a" + "1" * 150])
+def test_ctids_at_the_limits(ctid: str) -> None:
+    assert validate_ctid(ctid) == ctid
+
+
+def test_a_ctid_over_the_length_limit_is_refused_in_one_short_line() -> None:
+    for length in (config.MAX_CTID_LENGTH + 1, 256, 300, 5000):
+        with pytest.raises(InvalidValue) as info:
+            validate_ctid("x" * length)
+        assert info.value.message == (
+            f"invalid CTID {'x' * 40!r}... ({length} characters): {length} characters, at most 200"
+        )
+        assert info.value.exit_code == 21
+
+
+@pytest.mark.parametrize("ctid", ["4294967296", "99999999999999999999"])
+def test_a_numeric_ctid_beyond_32_bits_is_refused(ctid: str) -> None:
+    with pytest.raises(InvalidValue, match=f"invalid CTID '{ctid}': a numeric CTID is at most 4294967295"):
+        validate_ctid(ctid)
+
+
+# --- values vzpy applies: HOSTNAME, CPUS, NUMPROC, PHYSPAGES
+
+
+@pytest.mark.parametrize(
+    "name", ["web", "a", "1host", "x-1", "a" * 63, "web.example.com", "a" * 31 + "." + "b" * 32, "A-b.C1"]
+)
+def test_valid_hostnames(name: str) -> None:
+    assert config.validate_hostname(name) == name
+    assert config.hostname_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("a" * 64, "label 'aaaa"),
+        ("a" * 32 + "." + "b" * 32, "65 characters, the kernel holds at most 64"),
+        ("a" * 200, "200 characters, the kernel holds at most 64"),
+        ("", "label '' is not 1-63"),
+        ("-web", "label '-web'"),
+        ("web-", "label 'web-'"),
+        ("we_b", "label 'we_b'"),
+        ("web..x", "label ''"),
+        (".web", "label ''"),
+        ("web.", "label ''"),
+        ("wéb", "label 'wéb'"),
+        ("web\n", "label 'web\\n'"),
+    ],
+)
+def test_invalid_hostnames(name: str, problem: str) -> None:
+    with pytest.raises(InvalidValue) as info:
+        config.validate_hostname(name)
+    assert problem in info.value.message and info.value.exit_code == 21
+    assert "\n" not in info.value.message
+
+
+@pytest.mark.parametrize("ctid", ["101", "web_1", "CT.101", "a" * 200, "x-", "ct" + "9" * 70])
+def test_the_default_hostname_is_valid_for_every_ctid(ctid: str) -> None:
+    validate_ctid(ctid)
+    name = config.default_hostname(ctid)
+    assert config.hostname_problem(name) is None and name.startswith("ct")
+
+
+def test_the_default_hostname_of_a_numeric_ctid_is_vzctls() -> None:
+    assert config.default_hostname("101") == "ct101"
+    assert config.default_hostname("web_1.x") == "ctweb-1-x"
+
+
+@pytest.mark.parametrize("value", ["0", "0.01", "1", "1.5", "2.", "65536", "65536.0"])
+def test_valid_cpus(value: str) -> None:
+    assert config.cpus_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["nan", "1e400", "inf", "-1", "0.009", "65536.1", "1_0", "x", " 1", "1e2", "٣"])
+def test_invalid_cpus(value: str) -> None:
+    assert config.cpus_problem(value) is not None
+
+
+@pytest.mark.parametrize("value", ["0", "512", "512:512", "0:4194304", "4194304"])
+def test_valid_numproc(value: str) -> None:
+    assert config.numproc_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["x:y", "1:2:3", "4194305", "1:4194305", "-1", ":", "1:", "²", "1.5", "unlimited"])
+def test_invalid_numproc(value: str) -> None:
+    assert config.numproc_problem(value) is not None
+
+
+@pytest.mark.parametrize("value", ["0:256M", "256M", "1G:2G", f"{2**63 - 1}"])
+def test_valid_physpages(value: str) -> None:
+    assert config.physpages_problem(value) is None
+
+
+@pytest.mark.parametrize("value", ["x:256M", "1:2:3", "99999999999999999999G", f"{2**63}", "256M:"])
+def test_invalid_physpages(value: str) -> None:
+    assert config.physpages_problem(value) is not None
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("CPUS", "nan"), ("CPUS", "inf"), ("NUMPROC", "x:y"), ("HOSTNAME", "h" * 200)]
+)
+def test_set_refuses_a_bad_value_as_invalid_value(key: str, value: str) -> None:
+    conf = ConfFile.parse(CONF, SAMPLE)
+    with pytest.raises(InvalidValue) as info:
+        conf.set(key, value)
+    assert info.value.message.startswith(f"invalid {key} value ") and info.value.exit_code == 21
+    assert conf.text() == SAMPLE
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('CPUS="nan"', "CPUS"),
+        ('CPUS="1e400"', "CPUS"),
+        ('NUMPROC="x:y"', "NUMPROC"),
+        (f'HOSTNAME="{"h" * 200}"', "HOSTNAME"),
+    ],
+)
+def test_checked_names_the_file_and_line_of_a_bad_value(line: str, key: str) -> None:
+    conf = ConfFile.parse(CONF, f'# comment\nOTHER="1"\n{line}\nLAST="2"\n')
+    with pytest.raises(BadConfig) as info:
+        conf.checked(key)
+    assert info.value.message.startswith(f"{CONF}:3: invalid {key} value ")
+    assert info.value.message.endswith("; fix the line") and info.value.exit_code == 85
+
+
+def test_checked_names_the_line_that_counts_when_a_key_repeats() -> None:
+    conf = ConfFile.parse(CONF, 'CPUS="nan"\nCPUS="1e400"\n')
+    with pytest.raises(BadConfig, match=r"101\.conf:2: invalid CPUS value '1e400'"):
+        conf.checked("CPUS")
+
+
+def test_checked_returns_good_values_and_none_for_unset_or_empty_keys() -> None:
+    conf = ConfFile.parse(CONF, 'CPUS="1.5"\nNUMPROC=""\n')
+    assert (conf.checked("CPUS"), conf.checked("NUMPROC"), conf.checked("HOSTNAME")) == ("1.5", None, None)
+
+
+def test_where_without_the_key_is_the_file() -> None:
+    assert ConfFile.parse(CONF, 'A="1"\n').where("B") == str(CONF)
+    assert ConfFile.parse(CONF, 'A="1"\n B = "2"\n').where("B") == f"{CONF}:2"
+
+
+def test_unchecked_keys_take_any_value() -> None:
+    assert config.value_problem("OPERATOR_NOTE", "nan") is None
+
+
+def test_numbers_too_long_for_int_are_refused_not_crashed_on() -> None:
+    assert "at most 4194304" in str(config.numproc_problem("9" * 5000))
+    assert config.numproc_problem("0" * 30 + "512") is None
+    assert "more than" in str(config.physpages_problem("9" * 5000))
+    assert config.physpages_problem("0" * 30 + "1G") is None
+
+
+def test_the_largest_sizes() -> None:
+    assert config.parse_size(str(config.MAX_BYTES)) == 2**63 - 1
+    with pytest.raises(InvalidValue, match="more than 9223372036854775807 bytes"):
+        config.parse_size("8388608T")

@@ -12,9 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from vzpy.config import GlobalConfig
-from vzpy.container import PAGE_SIZE, Container, RunState, parse_size
-from vzpy.errors import ConfigNotFound, InvalidValue
+from vzpy.config import PAGE_SIZE, GlobalConfig, parse_size
+from vzpy.container import Container, RunState, start_ticks
+from vzpy.errors import BadConfig, ConfigNotFound, InvalidValue
 from vzpy.runtime.cgroups import Limits
 from vzpy.stage import Stage
 
@@ -186,6 +186,45 @@ def test_physpages_in_pages(gconf: GlobalConfig) -> None:
     assert Container("101", gconf).limits.memory_bytes == 65536 * PAGE_SIZE
 
 
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('CPUS="nan"', "CPUS"),
+        ('CPUS="1e400"', "CPUS"),
+        ('NUMPROC="x:y"', "NUMPROC"),
+        ('NUMPROC="99999999999"', "NUMPROC"),
+        ('PHYSPAGES="0:lots"', "PHYSPAGES"),
+        ('PHYSPAGES="x:256M"', "PHYSPAGES"),
+    ],
+)
+def test_a_bad_limit_is_bad_config_at_its_line(gconf: GlobalConfig, line: str, key: str) -> None:
+    path = write_ct_conf(gconf, "101", f'HOSTNAME="web"\n{line}\n')
+    with pytest.raises(BadConfig) as info:
+        Container("101", gconf).limits  # noqa: B018
+    assert info.value.message.startswith(f"{path}:2: invalid {key} value ") and info.value.exit_code == 85
+
+
+def test_a_200_character_hostname_is_bad_config_at_its_line(gconf: GlobalConfig) -> None:
+    path = write_ct_conf(gconf, "101", f'\nHOSTNAME="{"h" * 200}"\n')
+    with pytest.raises(BadConfig) as info:
+        Container("101", gconf).hostname  # noqa: B018
+    assert info.value.message == (
+        f"{path}:2: invalid HOSTNAME value {'h' * 40!r}... (200 characters): 200 characters, "
+        "the kernel holds at most 64; fix the line"
+    )
+
+
+def test_a_ctid_of_300_characters_is_invalid_value(gconf: GlobalConfig) -> None:
+    with pytest.raises(InvalidValue) as info:
+        Container("c" * 300, gconf)
+    assert info.value.exit_code == 21 and len(info.value.message) < 120
+
+
+def test_the_default_hostname_of_a_named_ct_is_a_valid_hostname(gconf: GlobalConfig) -> None:
+    write_ct_conf(gconf, "web_1", "# nothing\n")
+    assert Container("web_1", gconf).hostname == "ctweb-1"
+
+
 # --- run state
 
 
@@ -268,6 +307,24 @@ def test_init_alive_false_for_a_reused_pid(child: subprocess.Popen[bytes]) -> No
     started = psutil.Process(child.pid).create_time()
     assert RunState(stage=Stage.RUNNING, init_pid=child.pid, init_started=started - 1.0).init_alive() is False
     assert RunState(stage=Stage.RUNNING, init_pid=child.pid, init_started=0.0).init_alive() is False
+
+
+def test_init_alive_when_the_boot_time_moves(child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """/proc/stat's btime moves by a second now and then as NTP adjusts the clock, and psutil's create_time
+    with it: the init recorded at start must still be recognised (not mistaken for a stopped CT)."""
+    process = psutil.Process(child.pid)
+    state = RunState(
+        stage=Stage.RUNNING,
+        init_pid=child.pid,
+        init_started=process.create_time(),
+        init_start_ticks=start_ticks(child.pid),
+    )
+    btime = psutil._pslinux.boot_time()
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: btime + 1.0)
+    assert psutil.Process(child.pid).create_time() != state.init_started
+    assert state.init_alive() is True
+    reused = RunState(stage=Stage.RUNNING, init_pid=child.pid, init_start_ticks=start_ticks(child.pid) - 1)
+    assert reused.init_alive() is False
 
 
 def test_init_alive_false_for_a_dead_pid() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from vzpy.criu.features import (
     report,
 )
 from vzpy.criu.options import NetworkLock
+from vzpy.host.mounts import parse_mountinfo
 
 TEE_FAILURE = "a lazy-pages round trip failed here: dump.log: page-pipe: tee: 65536: Operation not permitted"
 
@@ -146,12 +148,12 @@ def test_report_as_dict_is_json() -> None:
 
 # --- freezer detection ---
 
-V1_MOUNTS = """\
-sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
-cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime 0 0
-cgroup /sys/fs/cgroup/memory cgroup rw,nosuid,nodev,noexec,relatime,memory 0 0
-cgroup /sys/fs/cgroup/freezer cgroup rw,nosuid,nodev,noexec,relatime,freezer 0 0
-"""
+V1_MOUNTS = parse_mountinfo(
+    b"22 1 0:21 / /sys rw,nosuid,nodev,noexec,relatime - sysfs sysfs rw\n"
+    b"30 22 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n"
+    b"31 22 0:28 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime - cgroup cgroup rw,memory\n"
+    b"32 22 0:29 / /sys/fs/cgroup/freezer rw,nosuid,nodev,noexec,relatime - cgroup cgroup rw,freezer\n"
+)
 
 
 def test_v1_freezer_is_found() -> None:
@@ -159,7 +161,7 @@ def test_v1_freezer_is_found() -> None:
 
 
 def test_v2_freezer_needs_cgroup_freeze_files(tmp_path: Path) -> None:
-    mounts = f"cgroup2 {tmp_path} cgroup2 rw,nosuid 0 0\n"
+    mounts = parse_mountinfo(b"30 1 0:27 / " + os.fsencode(tmp_path) + b" rw,nosuid - cgroup2 cgroup2 rw\n")
     assert find_freezer(mounts) is None
     (tmp_path / "system.slice").mkdir()
     (tmp_path / "system.slice" / "cgroup.freeze").write_text("0\n")
@@ -167,7 +169,7 @@ def test_v2_freezer_needs_cgroup_freeze_files(tmp_path: Path) -> None:
 
 
 def test_no_cgroups_no_freezer() -> None:
-    assert find_freezer("proc /proc proc rw 0 0\n") is None
+    assert find_freezer(parse_mountinfo(b"20 1 0:5 / /proc rw - proc proc rw\n")) is None
 
 
 # --- cache file ---

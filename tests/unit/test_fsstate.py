@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
 import socket
 import stat
 import subprocess
-import time
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from vzpy import fsstate
-from vzpy.errors import RestoreError
-from vzpy.fsstate import Entry, Fingerprint, archive_tree, compare, describe_differences, fingerprint, restore_tree
+from vzpy.errors import ChkpntError, PrivateNotFound, RestoreError
+from vzpy.fsstate import (
+    Entry,
+    Fingerprint,
+    archive_tree,
+    compare,
+    describe_differences,
+    diff,
+    fingerprint,
+    restore_tree,
+)
+from vzpy.fsstate import archive as archive_module
+from vzpy.fsstate.record import path_key
 
 MTIME = 1_600_000_000_123_456_789
 
@@ -42,6 +56,17 @@ def make_tree(root: Path) -> Path:
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "private" / "101")
+
+
+def deep_contents(root: Path) -> dict[str, tuple[str, dict[str, bytes]]]:
+    """What the fingerprint leaves to rsync's quick check: every file's bytes and every entry's xattrs."""
+    found = {}
+    for entry in fingerprint(root).entries:
+        path = root / entry.path
+        data = hashlib.sha256(path.read_bytes()).hexdigest() if entry.kind == "f" else ""
+        names = os.listxattr(path, follow_symlinks=False)
+        found[entry.path] = (data, {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(names)})
+    return found
 
 
 def changes(recorded: Fingerprint, root: Path, **kw: object) -> list[str]:
@@ -85,18 +110,11 @@ def test_size_change_same_mtime(tree: Path) -> None:
     assert changes(recorded, tree) == ["/etc/passwd changed (size)"]
 
 
-def test_same_size_same_mtime_needs_deep(tree: Path) -> None:
-    shallow, deep = fingerprint(tree), fingerprint(tree, deep=True)
+def test_same_size_same_mtime_is_the_quick_checks_limit(tree: Path) -> None:
+    shallow = fingerprint(tree)
     (tree / "etc/hostname").write_text("ct999\n")
     os.utime(tree / "etc/hostname", ns=(MTIME, MTIME))
     assert changes(shallow, tree) == []  # the documented limit of the quick check
-    assert changes(deep, tree) == ["/etc/hostname changed (content)"]
-
-
-def test_deep_sees_xattrs(tree: Path) -> None:
-    deep = fingerprint(tree, deep=True)
-    os.setxattr(tree / "etc/passwd", "user.test", b"1")
-    assert changes(deep, tree) == ["/etc/passwd changed (xattrs)"]
 
 
 def test_chmod_and_setuid(tree: Path) -> None:
@@ -276,7 +294,7 @@ def test_sockets_are_not_recorded(tree: Path) -> None:
 
 
 def test_not_a_directory(tmp_path: Path) -> None:
-    with pytest.raises(fsstate.PrivateNotFound):
+    with pytest.raises(PrivateNotFound):
         fingerprint(tmp_path / "missing")
 
 
@@ -285,12 +303,11 @@ def test_not_a_directory(tmp_path: Path) -> None:
 
 def test_json_round_trip(tree: Path) -> None:
     os.mkdir(tree / os.fsdecode(b"caf\xe9"))  # not UTF-8: must survive JSON as it does the filesystem
-    for deep in (False, True):
-        recorded = fingerprint(tree, deep=deep, exclude=["/tmp/*"])
-        loaded = Fingerprint.from_json(json.loads(json.dumps(recorded.to_json())))
-        assert loaded == recorded
-        assert loaded.digest == recorded.digest
-        assert compare(loaded, tree) == []
+    recorded = fingerprint(tree, exclude=["/tmp/*"])
+    loaded = Fingerprint.from_json(json.loads(json.dumps(recorded.to_json())))
+    assert loaded == recorded
+    assert loaded.digest == recorded.digest
+    assert compare(loaded, tree) == []
 
 
 def test_digest_changes_with_any_field(tree: Path) -> None:
@@ -300,27 +317,23 @@ def test_digest_changes_with_any_field(tree: Path) -> None:
     assert Fingerprint(tuple(entries)).digest != recorded.digest
 
 
-def synthetic(count: int, *, deep: bool) -> Fingerprint:
+def synthetic(count: int) -> Fingerprint:
     """A Debian-like listing without touching the disk: nested dirs, varied names, sizes and mtimes."""
     entries = [Entry("", "d", 0o755, 0, 0)]
     for d in range(count // 50):
         directory = f"usr/share/doc/package-{d:05d}"
         entries.append(Entry(directory, "d", 0o755, 0, 0))
         for f in range(49):
-            digest = f"{(d * 49 + f) * 2654435761 % 2**128:032x}" if deep else ""
             mtime = 1_690_000_000_000_000_000 + (d * 7919 + f * 104729) * 1_000_003
-            entries.append(
-                Entry(f"{directory}/file-{f:02d}.gz", "f", 0o644, 0, 0, 1000 + f * 37 + d, mtime, hash=digest)
-            )
-    entries.sort(key=lambda e: fsstate._key(e.path))
-    return Fingerprint(tuple(entries), deep)
+            entries.append(Entry(f"{directory}/file-{f:02d}.gz", "f", 0o644, 0, 0, 1000 + f * 37 + d, mtime))
+    entries.sort(key=lambda e: path_key(e.path))
+    return Fingerprint(tuple(entries))
 
 
-@pytest.mark.parametrize(("deep", "bound"), [(False, 2_000_000), (True, 4_000_000)])
-def test_json_size_bound_for_100k_entries(deep: bool, bound: int) -> None:
-    recorded = synthetic(100_000, deep=deep)
+def test_json_size_bound_for_100k_entries() -> None:
+    recorded = synthetic(100_000)
     size = len(json.dumps(recorded.to_json()))
-    assert size < bound, f"{size} bytes for {len(recorded.entries)} entries"
+    assert size < 2_000_000, f"{size} bytes for {len(recorded.entries)} entries"
     assert Fingerprint.from_json(recorded.to_json()) == recorded
 
 
@@ -350,13 +363,14 @@ def add_specials(root: Path) -> None:
 
 def test_archive_round_trip(tree: Path, tmp_path: Path) -> None:
     add_specials(tree)
-    expected = fingerprint(tree, deep=True)
+    expected, contents = fingerprint(tree), deep_contents(tree)
     info = archive_tree(tree, tmp_path / "fs.tar.zst")
-    assert info.full and info.stored == len(expected.entries) and info.size < 1 << 20
+    assert info.stored == len(expected.entries) and info.size < 1 << 20
     restored = tmp_path / "restored" / "101"
     restored.parent.mkdir()
     restore_tree(info.path, restored)
-    assert changes(expected, restored) == []  # modes, setuid, links, xattrs, contents, fifo
+    assert changes(expected, restored) == []  # modes, setuid, links, fifo
+    assert deep_contents(restored) == contents  # every file's bytes and every entry's xattrs
     assert os.stat(restored / "bin/ls").st_ino == os.stat(restored / "bin/busybox").st_ino
     assert os.getxattr(restored / "etc/passwd", "user.origin") == b"template"
     assert os.stat(restored / "var/sparse.img").st_blocks * 512 < 1 << 20  # the 64 MB hole stayed a hole
@@ -371,9 +385,10 @@ def test_archive_round_trip_owners_and_devices(tree: Path, tmp_path: Path) -> No
     os.chown(tree / "etc/passwd", 100000, 100000)  # a user-namespace shifted owner, numeric only
     os.lchown(tree / "bin/sh", 4242, 4343)
     os.chown(tree / "var/log", 0, 4)
-    expected = fingerprint(tree, deep=True)
+    expected, contents = fingerprint(tree), deep_contents(tree)
     restore_tree(archive_tree(tree, tmp_path / "fs.tar.zst").path, tmp_path / "restored")
     assert changes(expected, tmp_path / "restored") == []
+    assert deep_contents(tmp_path / "restored") == contents
     assert os.lstat(tmp_path / "restored/bin/sh").st_uid == 4242
 
 
@@ -391,7 +406,7 @@ def test_restore_replaces_existing_tree(tree: Path, tmp_path: Path) -> None:
 def test_failed_restore_leaves_tree_intact(tree: Path, tmp_path: Path, damage: str) -> None:
     archive = archive_tree(tree, tmp_path / "fs.tar.zst").path
     (tree / "etc/passwd").write_text("the CT's current files\n")
-    before = fingerprint(tree, deep=True)
+    before, contents = fingerprint(tree), deep_contents(tree)
     data = archive.read_bytes()
     if damage == "truncate":
         archive.write_bytes(data[: len(data) // 2])
@@ -401,19 +416,19 @@ def test_failed_restore_leaves_tree_intact(tree: Path, tmp_path: Path, damage: s
         archive.unlink()
     with pytest.raises(RestoreError):
         restore_tree(archive, tree)
-    assert changes(before, tree) == []
+    assert changes(before, tree) == [] and deep_contents(tree) == contents
     assert sorted(p.name for p in tree.parent.iterdir()) == ["101"]
 
 
 def test_restore_checks_what_tar_extracted(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = archive_tree(tree, tmp_path / "fs.tar.zst").path
-    extract = fsstate._extract
+    extract = archive_module._extract
 
     def lossy(part: Path, dest: Path) -> None:
         extract(part, dest)
         (dest / fsstate.TREE / "etc/hostname").unlink()  # as if tar had silently skipped a member
 
-    monkeypatch.setattr(fsstate, "_extract", lossy)
+    monkeypatch.setattr(archive_module, "_extract", lossy)
     (tree / "etc/passwd").write_text("current\n")
     with pytest.raises(RestoreError, match="did not restore the tree it recorded") as e:
         restore_tree(archive, tree)
@@ -431,7 +446,7 @@ def test_failed_swap_puts_the_old_tree_back(tree: Path, tmp_path: Path, monkeypa
             raise OSError(18, "Invalid cross-device link")
         rename(src, dst)
 
-    monkeypatch.setattr(fsstate.os, "rename", failing)
+    monkeypatch.setattr(archive_module.os, "rename", failing)
     with pytest.raises(RestoreError, match="cross-device"):
         restore_tree(archive, tree)
     monkeypatch.undo()
@@ -439,115 +454,284 @@ def test_failed_swap_puts_the_old_tree_back(tree: Path, tmp_path: Path, monkeypa
     assert sorted(p.name for p in tree.parent.iterdir()) == ["101"]
 
 
-# --- deltas against a full base
+# --- compare: what stands for what
 
 
-def take_base(root: Path, out: Path) -> fsstate.ArchiveInfo:
-    """A full archive taken once the tree's ctimes are clearly older than it, as a nightly base would be."""
-    time.sleep(2 * fsstate.CTIME_SLACK_NS / 1e9)
-    return archive_tree(root, out)
+def test_a_changed_directory_does_not_hide_changes_inside_it(tree: Path) -> None:
+    recorded = fingerprint(tree)
+    os.chmod(tree / "var/log", 0o700)
+    (tree / "var/log/messages").write_text("rewritten\n")
+    (tree / "var/log/new").write_text("x")
+    assert changes(recorded, tree) == [
+        "/var/log changed (mode)",
+        "/var/log/messages changed (size, mtime)",
+        "/var/log/new added",
+    ]
 
 
-def add_bulk(root: Path) -> None:
-    """Unchanged bytes, so a delta of a few small files stays below the rebase threshold."""
-    (root / "usr/lib").mkdir(parents=True)
-    (root / "usr/lib/libbig.so").write_bytes(os.urandom(256 << 10))
+def test_an_added_directory_stands_for_its_subtree_only(tree: Path) -> None:
+    recorded = fingerprint(tree)
+    (tree / "new/deep").mkdir(parents=True)
+    (tree / "new/deep/file").write_text("x")
+    (tree / "newer").write_text("a sibling whose name shares the prefix")
+    assert changes(recorded, tree) == ["/new added", "/newer added"]
 
 
-def change_everything_kind(root: Path) -> None:
-    (root / "etc/hostname").write_text("ct102\n")
-    (root / "tmp/new").write_text("new")
-    (root / "etc/passwd").unlink()
-    (root / "etc/passwd").mkdir()  # file -> dir
-    shutil.rmtree(root / "var/log")
-    (root / "var/log").write_text("dir -> file")
-    (root / "bin/ls").unlink()
-    shutil.copy2(root / "bin/busybox", root / "bin/ls")  # hard link broken
-    os.link(root / "etc/hostname", root / "etc/hostname.link")  # a new link to a changed file
-    os.chmod(root / "empty", 0o711)
-    (root / "bin/sh").unlink()
-    (root / "bin/sh").symlink_to("ls")
+def test_a_retyped_entry_hides_only_its_own_subtree(tree: Path) -> None:
+    recorded = fingerprint(tree)
+    shutil.rmtree(tree / "var/log")
+    (tree / "var/log").write_text("a file now")
+    (tree / "var/logs").mkdir()
+    assert changes(recorded, tree) == ["/var/log changed (type)", "/var/logs added"]
 
 
-def test_delta_round_trip(tree: Path, tmp_path: Path) -> None:
-    add_bulk(tree)
-    base = take_base(tree, tmp_path / "base.tar.zst")
-    change_everything_kind(tree)
-    expected = fingerprint(tree, deep=True)
-    delta = archive_tree(tree, tmp_path / "delta.tar.zst", previous=base.path)
-    assert delta.base == base.path
-    # a second delta is taken against the full base too, never against the first delta
-    again = archive_tree(tree, tmp_path / "again.tar.zst", previous=delta.path)
-    assert again.base == base.path
-    moved = tmp_path / "elsewhere" / "fs.tar.zst"  # as when a dump file's member is extracted to a work dir
-    moved.parent.mkdir()
-    shutil.copy(delta.path, moved)
-    for archive in (delta.path, again.path, moved):
-        target = tmp_path / f"restored-{archive.parent.name}-{archive.stem}"
-        restore_tree(archive, target)
-        assert changes(expected, target) == []
-        assert os.stat(target / "etc/hostname").st_ino == os.stat(target / "etc/hostname.link").st_ino
-        for directory in ("", "etc", "tmp", "var"):  # not compared, but a restore puts them back too
-            assert os.stat(target / directory).st_mtime_ns == os.stat(tree / directory).st_mtime_ns, directory
+@pytest.mark.parametrize(
+    ("old", "new", "what"),
+    [
+        (Entry("x", "m", 0o755, 0, 0), Entry("x", "d", 0o700, 1, 1), ()),
+        (Entry("x", "d", 0o755, 0, 0), Entry("x", "m", 0o700, 1, 1), ()),
+        (Entry("x", "m", 0o755, 0, 0), Entry("x", "f", 0o755, 0, 0), ("type",)),
+        (Entry("x", "l", 0, 0, 0, target="a"), Entry("x", "m", 0o755, 0, 0), ("type",)),
+        (Entry("x", "f", 0o644, 0, 0, 5, 1), Entry("x", "f", 0o644, 0, 0, 6, 1), ("size",)),
+        (Entry("x", "f", 0o644, 0, 0, 5, 1), Entry("x", "f", 0o644, 0, 0, 5, 2), ("mtime",)),
+        (Entry("x", "f", 0o644, 0, 0), Entry("x", "f", 0o640, 0, 0), ("mode",)),
+        (Entry("x", "f", 0o644, 0, 0), Entry("x", "f", 0o644, 1, 0), ("owner",)),
+        (Entry("x", "f", 0o644, 0, 0), Entry("x", "f", 0o644, 0, 1), ("owner",)),
+        (Entry("x", "l", 0, 0, 0, target="a"), Entry("x", "l", 0, 0, 0, target="b"), ("target",)),
+        (Entry("x", "c", 0o666, 0, 0, rdev=259), Entry("x", "c", 0o666, 0, 0, rdev=261), ("device",)),
+        (Entry("x", "f", 0o644, 0, 0, link="y"), Entry("x", "f", 0o644, 0, 0), ("hard link",)),
+        (Entry("x", "c", 0o666, 0, 0), Entry("x", "b", 0o666, 0, 0), ("type",)),
+    ],
+)
+def test_each_field_is_compared(old: Entry, new: Entry, what: tuple[str, ...]) -> None:
+    found = list(diff.differences([Entry("", "d", 0, 0, 0), old], [Entry("", "d", 0, 0, 0), new]))
+    assert [d.what for d in found] == ([what] if what else [])
 
 
-def test_delta_sees_changes_only_ctime_reveals(tree: Path, tmp_path: Path) -> None:
-    add_bulk(tree)
-    base = take_base(tree, tmp_path / "base.tar.zst")
-    (tree / "etc/hostname").write_text("ct999\n")  # same size, mtime put back: only the ctime moved
-    os.utime(tree / "etc/hostname", ns=(MTIME, MTIME))
-    delta = archive_tree(tree, tmp_path / "delta.tar.zst", previous=base.path)
-    restore_tree(delta.path, tmp_path / "restored")
-    assert (tmp_path / "restored/etc/hostname").read_text() == "ct999\n"
+@pytest.mark.root
+def test_a_mount_point_replaced_by_a_file_is_a_difference(tree: Path, mounted: Path) -> None:
+    recorded = fingerprint(tree)
+    subprocess.run(["umount", mounted], check=True)
+    try:
+        mounted.rmdir()
+        mounted.write_text("a file where the mount point was")
+        assert changes(recorded, tree) == ["/proc changed (type)"]
+        mounted.unlink()
+    finally:
+        mounted.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", mounted], check=True)
 
 
-def test_delta_takes_whole_hard_link_groups() -> None:
-    old = 1_000 * 10**9
-    root, a, b, c = Entry("", "d", 0o755, 0, 0), *(Entry(p, "f", 0o644, 0, 0, 1) for p in "abc")
-    base = Fingerprint((root, a, b, c._replace(link="a")))
-    now = [root, a, b._replace(link="a"), c._replace(link="a")]  # b became a link to a; a and c did not change
-    assert fsstate._changed_since(now, [old] * 4, base, since_ns=old + 10**9) == {"", "a", "b", "c"}
-    assert fsstate._changed_since(base.entries, [old] * 4, base, since_ns=old + 10**9) == {""}
-    ctimes = [old, old, old + 2 * 10**9, old]
-    assert fsstate._changed_since(base.entries, ctimes, base, since_ns=old + 10**9) == {"", "b"}
+def test_describe_a_change_of_every_field(tree: Path) -> None:
+    old = Entry("x", "f", 0o644, 0, 0, 5, MTIME, link="y")
+    new = Entry("x", "f", 0o600, 1, 2, 6, MTIME + 1)
+    difference = fsstate.Difference("/x", "changed", ("size", "mtime", "mode", "owner", "hard link"), old, new)
+    assert difference.detail() == (
+        "/x changed: size 5 -> 6, mtime 2020-09-13 12:26:40.123456789Z -> 2020-09-13 12:26:40.123456790Z, "
+        "mode 0644 -> 0600, owner 0:0 -> 1:2, hard link /y -> none"
+    )
+    assert str(difference) == "/x changed (size, mtime, mode, owner, hard link)"
 
 
-def test_delta_stores_only_changes(tmp_path: Path) -> None:
-    root = tmp_path / "ct"
-    (root / "data").mkdir(parents=True)
-    for i in range(200):
-        (root / f"data/f{i}").write_bytes(os.urandom(4096))
-    old = MTIME // 10**9
-    for path in root.rglob("*"):
-        os.utime(path, (old, old))
-    time.sleep(2 * fsstate.CTIME_SLACK_NS / 1e9)
-    base = archive_tree(root, tmp_path / "base.tar.zst", previous=tmp_path / "no-such-archive")
-    assert base.full  # an unusable previous archive means a full one, not a failure
-    (root / "data/f7").write_bytes(b"changed")
-    delta = archive_tree(root, tmp_path / "delta.tar.zst", previous=base.path)
-    assert not delta.full
-    assert delta.size < base.size / 10
-    restore_tree(delta.path, tmp_path / "restored")
-    assert (tmp_path / "restored/data/f7").read_bytes() == b"changed"
-    assert changes(fingerprint(root), tmp_path / "restored") == []
+# --- a hostile CT's archive stays inside its tree
 
 
-def test_delta_too_big_becomes_full(tree: Path, tmp_path: Path) -> None:
-    base = archive_tree(tree, tmp_path / "base.tar.zst")
-    (tree / "var/big").write_bytes(os.urandom(1 << 20))
-    assert archive_tree(tree, tmp_path / "next.tar.zst", previous=base.path).full
+def crafted(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], meta: dict[str, object] | None = None) -> Path:
+    """A zstd-compressed tar as a CT's root (or whoever made the dump file) could have crafted it."""
+    data = json.dumps(meta or {"format": 1, "created_ns": 0, "fingerprint": fingerprint(path.parent).to_json()})
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(archive_module.META)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data.encode()))
+        for member, content in members:
+            member.size = len(content)
+            tar.addfile(member, io.BytesIO(content))
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    return path
 
 
-def test_delta_without_its_base_is_refused(tree: Path, tmp_path: Path) -> None:
-    add_bulk(tree)
-    base = take_base(tree, tmp_path / "base.tar.zst")
-    (tree / "tmp/x").write_text("x")
-    delta = archive_tree(tree, tmp_path / "delta.tar.zst", previous=base.path)
-    assert not delta.full
-    base.path.unlink()
-    with pytest.raises(RestoreError, match=r"base\.tar\.zst is missing"):
-        restore_tree(delta.path, tree)
-    archive_tree(tree, base.path)  # a new base of the same name is not the one the delta was taken against
-    with pytest.raises(RestoreError, match="is not the base archive"):
-        restore_tree(delta.path, tree)
-    assert (tree / "tmp/x").exists()
+def member(name: str, kind: bytes = tarfile.REGTYPE, **fields: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+DIR = tarfile.DIRTYPE
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A host directory the crafted archives aim at."""
+    target = tmp_path / "host-etc"
+    target.mkdir()
+    (target / "shadow").write_text("root:secret\n")
+    return target
+
+
+def test_a_symlink_in_the_archive_would_lead_naive_extraction_out(tmp_path: Path, outside: Path) -> None:
+    evil = [(member("tree", DIR), b""), (member("tree/etc", tarfile.SYMTYPE, linkname=str(outside)), b"")]
+    evil.append((member("tree/etc/pwned"), b"written through the CT's symlink\n"))
+    path = crafted(tmp_path / "evil.tar.zst", evil)
+    scratch = tmp_path / "naive"
+    with (
+        zstandard.ZstdDecompressor().stream_reader(path.open("rb")) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as tar,
+    ):
+        tar.extractall(scratch, filter="fully_trusted")  # what a naive extraction does
+    assert (outside / "pwned").exists()  # the attack is real
+    (outside / "pwned").unlink()
+    root = make_tree(tmp_path / "private" / "101")
+    before = fingerprint(root)
+    with pytest.raises(RestoreError, match=r"unsafe: member 'tree/etc/pwned' is not inside a directory"):
+        restore_tree(path, root)
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+    assert changes(before, root) == []
+    assert sorted(p.name for p in root.parent.iterdir()) == ["101"]
+
+
+@pytest.mark.parametrize(
+    ("members", "why"),
+    [
+        ([("tree/../escape", b"")], "is not a plain path under tree/"),
+        ([("/etc/escape", b"")], "is not a plain path under tree/"),
+        ([("tree/./x", b"")], "is not a plain path under tree/"),
+        ([("other/x", b"")], "is not a plain path under tree/"),
+        ([("tree/a/b", b"")], "is not inside a directory of the archive ('tree/a' is not in the archive before it)"),
+        ([("tree/f", b""), ("tree/f/x", b"")], "('tree/f' is of kind f)"),
+        ([("tree/x", b""), ("tree/x", b"")], "appears twice"),
+    ],
+)
+def test_unsafe_member_names_are_refused(tmp_path: Path, members: list[tuple[str, bytes]], why: str) -> None:
+    entries = [(member("tree", DIR), b"")] + [(member(name), content) for name, content in members]
+    path = crafted(tmp_path / "evil.tar.zst", entries)
+    with pytest.raises(RestoreError, match="is unsafe: member") as info:
+        restore_tree(path, tmp_path / "private")
+    assert why in info.value.message
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "private").exists()
+
+
+@pytest.mark.parametrize(
+    ("link", "why"),
+    [
+        ("/etc/shadow", "is a hard link to '/etc/shadow', which is not a file of the archive"),
+        ("tree/../../etc/shadow", "which is not a file of the archive"),
+        ("tree/dir", "is a hard link to 'tree/dir'"),
+        ("tree/sym", "is a hard link to 'tree/sym'"),
+        ("tree/later", "is a hard link to 'tree/later'"),
+    ],
+)
+def test_hard_links_only_to_files_already_in_the_archive(tmp_path: Path, link: str, why: str) -> None:
+    entries = [
+        (member("tree", DIR), b""),
+        (member("tree/dir", DIR), b""),
+        (member("tree/sym", tarfile.SYMTYPE, linkname="/etc/shadow"), b""),
+        (member("tree/h", tarfile.LNKTYPE, linkname=link), b""),
+        (member("tree/later"), b"x"),
+    ]
+    with pytest.raises(RestoreError, match="is unsafe") as info:
+        restore_tree(crafted(tmp_path / "evil.tar.zst", entries), tmp_path / "private")
+    assert why in info.value.message
+
+
+def test_the_tree_itself_must_be_a_directory(tmp_path: Path, outside: Path) -> None:
+    entries = [(member("tree", tarfile.SYMTYPE, linkname=str(outside)), b""), (member("tree/pwned"), b"x")]
+    with pytest.raises(RestoreError, match="member 'tree' is the tree's root but not a directory"):
+        restore_tree(crafted(tmp_path / "evil.tar.zst", entries), tmp_path / "private")
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "major", "minor", "why"),
+    [
+        (tarfile.BLKTYPE, 8, 0, "is a block device 8:0 is not one a CT may have"),
+        (tarfile.CHRTYPE, 1, 1, "is a char device 1:1 is not one a CT may have"),  # /dev/mem
+        (tarfile.CHRTYPE, 1, 11, "is a char device 1:11 is not one a CT may have"),  # /dev/kmsg
+        (tarfile.CHRTYPE, 1, 4, "is a char device 1:4 is not one a CT may have"),
+    ],
+)
+def test_only_the_devices_a_ct_is_given_are_restored(
+    tmp_path: Path, kind: bytes, major: int, minor: int, why: str
+) -> None:
+    entries = [(member("tree", DIR), b""), (member("tree/dev", kind, devmajor=major, devminor=minor), b"")]
+    with pytest.raises(RestoreError, match="is unsafe") as info:
+        restore_tree(crafted(tmp_path / "evil.tar.zst", entries), tmp_path / "private")
+    assert why in info.value.message
+
+
+def test_the_devices_a_ct_is_given_pass_the_check(tmp_path: Path) -> None:
+    for major, minor in archive_module.CT_DEVICES:
+        assert archive_module._device_problem("c", os.makedev(major, minor)) is None
+        assert archive_module._device_problem("b", os.makedev(major, minor)) is not None
+
+
+@pytest.mark.root
+def test_chkpnt_refuses_to_archive_a_device_the_ct_may_not_have(tree: Path, tmp_path: Path) -> None:
+    os.mknod(tree / "sda", stat.S_IFBLK | 0o600, os.makedev(8, 0))
+    with pytest.raises(ChkpntError, match="sda: block device 8:0 is not one a CT may have; remove it from the CT"):
+        archive_tree(tree, tmp_path / "fs.tar.zst")
+
+
+def test_other_member_types_are_refused(tmp_path: Path) -> None:
+    entries = [(member("tree", DIR), b""), (member("tree/c", b"V"), b"")]
+    with pytest.raises(RestoreError, match="has tar type b'V'"):
+        restore_tree(crafted(tmp_path / "evil.tar.zst", entries), tmp_path / "private")
+
+
+def test_an_archive_that_does_not_start_with_its_metadata_is_refused(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        tar.addfile(member("tree", DIR))
+    path = tmp_path / "fs.tar.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    with pytest.raises(RestoreError, match=r"does not start with vzpy-fsstate\.json"):
+        restore_tree(path, tmp_path / "private")
+
+
+def test_a_delta_archive_of_an_older_vzpy_is_refused(tmp_path: Path, tree: Path) -> None:
+    meta = {"format": 1, "created_ns": 0, "fingerprint": fingerprint(tree).to_json(), "base": {"path": "x"}}
+    path = crafted(tmp_path / "fs.tar.zst", [(member("tree", DIR), b"")], meta)
+    with pytest.raises(RestoreError, match="is a delta archive"):
+        restore_tree(path, tmp_path / "private")
+
+
+def test_an_archive_without_a_tree_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RestoreError, match="holds no tree"):
+        restore_tree(crafted(tmp_path / "fs.tar.zst", []), tmp_path / "private")
+
+
+def test_a_cts_own_symlinks_round_trip_and_are_never_followed(tree: Path, tmp_path: Path, outside: Path) -> None:
+    (tree / "etc/evil").symlink_to(outside)
+    (tree / "up").symlink_to("../../../..")
+    (tree / "etc/shadow").symlink_to(outside / "shadow")
+    expected = fingerprint(tree)
+    restored = tmp_path / "restored"
+    restore_tree(archive_tree(tree, tmp_path / "fs.tar.zst").path, restored)
+    assert changes(expected, restored) == []
+    assert os.readlink(restored / "etc/evil") == str(outside)
+    assert sorted(p.name for p in outside.iterdir()) == ["shadow"]
+    assert (outside / "shadow").read_text() == "root:secret\n"
+
+
+def test_an_archive_whose_first_file_is_not_its_metadata_is_refused(tmp_path: Path) -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = member("other.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    path = tmp_path / "fs.tar.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    with pytest.raises(RestoreError, match=r"does not start with vzpy-fsstate\.json"):
+        restore_tree(path, tmp_path / "private")
+
+
+def test_three_differences_are_all_in_the_summary(tree: Path) -> None:
+    recorded = fingerprint(tree)
+    for name in ("a", "b", "c"):
+        (tree / name).write_text(name)
+    message, detail = describe_differences("101", compare(recorded, tree))
+    assert "/a added, /b added, /c added (3 differences);" in message
+    assert detail == "/a added (file)\n/b added (file)\n/c added (file)"

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from vzpy.errors import Locked
-from vzpy.lock import ct_lock
+from vzpy.lock import CtLocked, Holder, acquire, ct_lock
+from vzpy.lock import holder as lock_holder
 
 # Tries to take the lock once; prints a JSON verdict. flock(2) is per open file, so a separate process is the
 # honest way to see what a second vzpy invocation would see.
@@ -202,3 +203,74 @@ def test_lock_fd_is_not_inherited(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait(timeout=10)
+
+
+# --- the lock object and the holder query (what the migration agent uses)
+
+
+def test_acquire_holds_across_calls_until_release(tmp_path: Path) -> None:
+    lockdir = tmp_path / "lock"
+    held = acquire(lockdir, "101", "migrate")
+    try:
+        assert held.held
+        verdict = try_lock(lockdir, "101", "stop")
+        assert verdict["locked"] is False
+        assert verdict["message"] == (
+            f"CT 101 is locked by vzpy pid {os.getpid()} (migrate); wait for it to finish and retry"
+        )
+    finally:
+        held.release()
+    assert not held.held
+    held.release()  # idempotent
+    assert (lockdir / "101.lck").read_text() == ""
+    assert try_lock(lockdir, "101", "stop")["locked"] is True
+
+
+def test_busy_error_carries_the_holder(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+    with pytest.raises(CtLocked) as info:
+        acquire(tmp_path / "lock", "101", "migrate")
+    assert isinstance(info.value, Locked)
+    assert info.value.holder == Holder(str(holder.pid), "chkpnt")
+    assert str(info.value.holder) == f"vzpy pid {holder.pid} (chkpnt)"
+
+
+def test_holder_names_another_process(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+    assert lock_holder(tmp_path / "lock", "101") == Holder(str(holder.pid), "chkpnt")
+    assert lock_holder(tmp_path / "lock", "102") is None
+
+
+def test_holder_of_a_free_lock_is_none(tmp_path: Path) -> None:
+    lockdir = tmp_path / "lock"
+    assert lock_holder(lockdir, "101") is None  # no file at all
+    with ct_lock(lockdir, "101", "start"):
+        assert lock_holder(lockdir, "101") == Holder(str(os.getpid()), "start")
+    assert lock_holder(lockdir, "101") is None
+
+
+def test_holder_of_a_sigkilled_holder_is_none(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    # its record stays in the file, but nobody holds the flock
+    assert (tmp_path / "lock" / "101.lck").read_text() == f"{holder.pid} chkpnt\n"
+    assert lock_holder(tmp_path / "lock", "101") is None
+
+
+def test_holder_query_does_not_take_the_lock(tmp_path: Path) -> None:
+    lockdir = tmp_path / "lock"
+    lock_holder(lockdir, "101")
+    with ct_lock(lockdir, "101", "start"):
+        lock_holder(lockdir, "101")
+        assert (lockdir / "101.lck").read_text() == f"{os.getpid()} start\n"
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        (b"123 chkpnt --dump\n", Holder("123", "chkpnt --dump")),
+        (b"", Holder("unknown", "unknown operation")),
+        (b"77", Holder("77", "unknown operation")),
+        (b"\xff\xfe x", Holder("\ufffd\ufffd", "x")),
+    ],
+)
+def test_holder_record_parsing(record: bytes, expected: Holder) -> None:
+    assert Holder.parse(record) == expected

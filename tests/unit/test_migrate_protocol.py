@@ -32,11 +32,11 @@ from vzpy.migrate import (
     ProtocolError,
     RestoreFailed,
     UnsupportedCpu,
-    destination,  # noqa: F401 - the agent's restore/resume/start ops
+    destination,
     error_for_code,
+    ops,
 )
-from vzpy.migrate import agent as agent_mod
-from vzpy.migrate.agent import Agent, RemoteAgent, serve
+from vzpy.migrate.agent import handle, serve
 from vzpy.migrate.preflight import (
     CHECKS,
     DISK_MARGIN,
@@ -59,7 +59,9 @@ from vzpy.migrate.protocol import (
     encode,
     negotiated,
 )
+from vzpy.migrate.remote import RemoteAgent
 from vzpy.migrate.rsync import BASE_OPTIONS, parse_progress, parse_rsync_opts, rsync_argv
+from vzpy.migrate.session import AgentSession, Incoming
 from vzpy.migrate.ssh import OpenSsh, Target, fingerprint, parse_target
 
 # --- framing -----------------------------------------------------------------------------------------------
@@ -168,7 +170,7 @@ class Served:
     """An Agent serving one end of a socketpair in a thread; the test holds the client end."""
 
     def __init__(self, gconf: GlobalConfig) -> None:
-        self.agent = Agent(lambda: gconf)
+        self.agent = AgentSession(lambda: gconf)
         ours, theirs = socket.socketpair()
         self.sock, self.theirs = ours, theirs
         self.client = Client(Connection(FdStream(ours.fileno(), ours.fileno()), peer="agent"), timeout=10)
@@ -188,7 +190,7 @@ class Served:
 @pytest.fixture
 def served(vz: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
     facts = {"hostname": "dst", "criu": {"ok": True}, "cpu": {"flags": []}, "disk": {}, "config": {}}
-    monkeypatch.setattr(agent_mod, "host_facts", lambda gconf: facts)
+    monkeypatch.setattr(ops, "host_facts", lambda gconf: facts)
     s = Served(vz)
     yield s
     if s.thread.is_alive():
@@ -229,11 +231,13 @@ def test_prepare_commit_and_idempotence(served: Served, vz: GlobalConfig) -> Non
     assert f'VE_PRIVATE="{vz.ve_private("101")}"' in staged and 'HOSTNAME="web"' in staged
     assert remote.ct_exists("101")["migrating"] is True
     (Path(paths["private"]) / "etc").mkdir()
-    result = remote.commit("101")
-    assert remote.commit("101")["conf"] == result["conf"]
+    result = remote.start("101", start=False, timeout=10)  # offline, stopped: commit only
+    assert result["conf"] == str(vz.confdir / "101.conf")
     assert (vz.confdir / "101.conf").exists() and not workdir.exists()
     assert not (vz.confdir / "101.conf.migrating").exists()
     assert remote.ct_exists("101")["exists"] is True
+    with pytest.raises(CopyFailed, match="committed"):
+        remote.cleanup("101")
     with pytest.raises(CtExistsRemote) as info:
         remote.prepare("101", conf_text, token="t2")
     assert info.value.exit_code == 9
@@ -309,7 +313,7 @@ def test_restore_without_images_fails_with_the_restore_exit_code(served: Served)
     remote = RemoteAgent(served.client, {})
     remote.prepare("106", 'HOSTNAME="x"\n', token="t")
     with pytest.raises(RestoreFailed, match="criu restore") as info:
-        served.client.call("restore", ctid="106")
+        remote.restore("106", None, timeout=30)
     assert info.value.exit_code == 7
     with pytest.raises(CopyFailed, match="prepare it first"):
         served.client.call("page_server_start", ctid="999")
@@ -326,17 +330,107 @@ def test_hanging_up_before_commit_rolls_back(served: Served, vz: GlobalConfig) -
 
 
 def test_a_new_agent_takes_over_what_a_dead_one_left(vz: GlobalConfig) -> None:
-    dead = Agent(lambda: vz)
+    dead = AgentSession(lambda: vz)
     dead.version = PROTOCOL_VERSION
-    reply = dead.handle({"v": 1, "id": 1, "op": "prepare", "ctid": "108", "conf_text": "", "token": "t"})
+    reply = handle(dead, {"v": 1, "id": 1, "op": "prepare", "ctid": "108", "conf_text": "", "token": "t"})
     assert reply["ok"], reply
     dead.unlock("108")  # as if the process died: the kernel drops its flock, its files stay
-    fresh = Agent(lambda: vz)
+    fresh = AgentSession(lambda: vz)
     fresh.version = PROTOCOL_VERSION
-    assert fresh.handle({"v": 1, "id": 1, "op": "ct_exists", "ctid": "108"})["migrating"] is True
-    cleaned = fresh.handle({"v": 1, "id": 2, "op": "cleanup", "ctid": "108"})
+    assert handle(fresh, {"v": 1, "id": 1, "op": "ct_exists", "ctid": "108"})["migrating"] is True
+    cleaned = handle(fresh, {"v": 1, "id": 2, "op": "cleanup", "ctid": "108"})
     assert cleaned["ok"] and reply["private"] in cleaned["removed"]
     assert not Path(reply["workdir"]).exists()
+
+
+def dead_agent_left(vz: GlobalConfig, ctid: str, *, restored: bool, commit: bool = False) -> Incoming:
+    """What an agent killed (SIGKILL: no rollback) after prepare (and a restore, and maybe the commit) left."""
+    dead = AgentSession(lambda: vz)
+    dead.version = PROTOCOL_VERSION
+    assert handle(dead, {"v": 1, "id": 1, "op": "prepare", "ctid": ctid, "conf_text": "", "token": "t"})["ok"]
+    incoming = dead.incoming[ctid]
+    incoming.restored = restored
+    incoming.save()
+    if commit:
+        dead.commit(incoming)
+    dead.unlock(ctid)
+    return incoming
+
+
+def test_recovery_of_a_dead_agents_uncommitted_restore_kills_the_restored_ct(
+    vz: GlobalConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    left = dead_agent_left(vz, "110", restored=True)
+    killed: list[str] = []
+    monkeypatch.setattr(destination.lifecycle, "kill", lambda ct: killed.append(ct.ctid))
+    fresh = AgentSession(lambda: vz)
+    fresh.version = PROTOCOL_VERSION
+    state = handle(fresh, {"v": 1, "id": 1, "op": "recover_state", "ctid": "110", "wait": 1})
+    assert state["ok"] and state["state"] == "prepared"
+    cleaned = handle(fresh, {"v": 1, "id": 2, "op": "cleanup", "ctid": "110"})
+    assert cleaned["ok"], cleaned
+    assert killed == ["110"] and not Path(left.workdir).exists() and not left.staged_conf.exists()
+
+
+def test_recovery_of_a_dead_agents_commit_finishes_it(vz: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    left = dead_agent_left(vz, "111", restored=True, commit=True)
+    fresh = AgentSession(lambda: vz)
+    fresh.version = PROTOCOL_VERSION
+    state = handle(fresh, {"v": 1, "id": 1, "op": "recover_state", "ctid": "111", "wait": 1})
+    assert state["ok"] and state["state"] == "committed" and state["stage"] == "stopped"
+    refused = handle(fresh, {"v": 1, "id": 2, "op": "cleanup", "ctid": "111"})
+    assert not refused["ok"] and "committed" in refused["error"]
+    done = handle(fresh, {"v": 1, "id": 3, "op": "recover_commit", "ctid": "111", "start": False})
+    assert done["ok"] and done["woken"] is False, done
+    assert Path(left.conf).exists() and not Path(left.workdir).exists()
+
+
+def test_recover_state_waits_for_a_busy_agent_then_says_so(vz: GlobalConfig) -> None:
+    busy = AgentSession(lambda: vz)
+    busy.lock("112")
+    fresh = AgentSession(lambda: vz)
+    fresh.version = PROTOCOL_VERSION
+    reply = handle(fresh, {"v": 1, "id": 1, "op": "recover_state", "ctid": "112", "wait": 0.2})
+    assert not reply["ok"] and reply["exit_code"] == 20 and "incoming-migration" in reply["error"]
+    busy.unlock("112")
+    assert handle(fresh, {"v": 1, "id": 2, "op": "recover_state", "ctid": "112", "wait": 1})["state"] == "none"
+
+
+def test_a_resume_that_cannot_wake_the_ct_is_undone(
+    served: Served, vz: GlobalConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served.client.hello()
+    remote = RemoteAgent(served.client, {})
+    remote.prepare("113", 'HOSTNAME="x"\n', token="t")
+
+    def broken_wake(ct: object) -> float:
+        raise OSError("freezer gone")
+
+    monkeypatch.setattr(destination.checkpoint, "wake", broken_wake)
+    monkeypatch.setattr(destination.lifecycle, "kill", lambda ct: None)
+    with pytest.raises(RestoreFailed, match="could not be resumed"):
+        remote.resume("113", timeout=10)
+    assert remote.ct_exists("113")["exists"] is False  # what the source asks before it rolls back
+    assert (vz.confdir / "113.conf.migrating").exists()
+    remote.cleanup("113")
+    assert not (vz.confdir / "113.conf.migrating").exists()
+
+
+def test_fault_injection_kills_the_agent_before_its_reply(vz: GlobalConfig) -> None:
+    env = {**os.environ, "VZPY_CONF": str(vz.path)}
+    requests = [
+        {"v": 1, "id": 1, "op": "hello", "proto": list(PROTOCOL_VERSION), "fault": "agent:after:ping"},
+        {"v": 1, "id": 2, "op": "ping"},
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vzpy.migrate.agent"],
+        input=b"".join(encode(r) for r in requests),
+        capture_output=True,
+        env=env,
+        timeout=30,
+    )
+    assert proc.returncode == -9, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == [1]  # ping's reply never left
 
 
 def test_agent_module_runs_as_a_process(vz: GlobalConfig) -> None:
@@ -415,6 +509,24 @@ def test_disk_space_counts_private_and_dump_on_one_or_two_filesystems() -> None:
     assert check(hello(disk=shared, criu={"ok": False}), {}, offline) == []  # no dump, no CRIU needed
     problem = check(hello(disk={"private": {"path": "/vz/private", "free": 5, "dev": 1}}), {}, SOURCE)[0]
     assert isinstance(problem.as_error(), NoDiskSpaceRemote) and "/vz/private has 5 B free" in problem.message
+
+
+def test_what_would_fail_after_the_freeze_is_found_by_preflight() -> None:
+    """A destination without the cgroup hierarchies, and tasks CRIU cannot dump, stop the migration
+    before anything is copied or frozen."""
+    no_cgroups = hello(cgroups=["freezer", "cpu"])
+    blocked = SourceFacts(
+        ctid="101",
+        private_bytes=1,
+        cpu_flags=SOURCE.cpu_flags,
+        dump_blockers=("pid 7 (daemon) runs as uid 1000 and CRIU lacks CAP_SYS_RESOURCE: ...",),
+    )
+    problems = check(no_cgroups, {}, blocked)
+    assert names(problems) == ["cgroups", "dumpable"]
+    assert [p.as_error().exit_code for p in problems] == [14, 8]
+    assert "memory, pids" in problems[0].message and "pid 7 (daemon)" in problems[1].message
+    assert check(hello(cgroups=["freezer", "memory", "cpu", "pids", "devices"]), {}, SOURCE) == []
+    assert check(hello(), {}, SOURCE) == []  # an agent that does not report its cgroups (protocol 1.0)
 
 
 def test_ctid_check_tells_kept_areas_from_foreign_ones() -> None:
@@ -555,3 +667,27 @@ def test_parse_progress() -> None:
     progress = parse_progress("    134,217,728  12%  127.50MB/s    0:00:07 (xfr#1, to-chk=0/2)")
     assert progress is not None and (progress.bytes, progress.percent, progress.eta) == (134217728, 12, "0:00:07")
     assert parse_progress("sending incremental file list") is None
+
+
+def test_prepare_refuses_an_area_inside_another_cts_before_making_anything(served: Served, vz: GlobalConfig) -> None:
+    """The destination checks its areas for the incoming CT (here: inside CT 300's private area) first."""
+    vz.confdir.mkdir(parents=True)
+    (vz.confdir / "300.conf").write_text(f'VE_PRIVATE="{vz.ve_private("106").parent}"\n')
+    served.client.hello()
+    remote = RemoteAgent(served.client, {})
+    with pytest.raises(ApplyConfigFailed, match="overlaps CT 300's VE_PRIVATE") as info:
+        remote.prepare("106", 'HOSTNAME="x"\n', token="t")
+    assert info.value.exit_code == 15
+    assert not vz.ve_private("106").exists()
+    assert not (vz.confdir / "106.conf.migrating").exists()
+    assert not AgentSession(lambda: vz).workdir("106").exists()
+
+
+@pytest.mark.parametrize("option", ["-L", "-aL", "-k", "-K", "-zK", "--copy-links", "--copy-unsafe", "--keep-dirlinks"])
+def test_rsync_opts_that_follow_the_cts_symlinks_are_refused(option: str) -> None:
+    with pytest.raises(MigrateUsage, match="follow symlinks, which the CT controls"):
+        parse_rsync_opts(option)
+
+
+def test_rsync_opts_that_copy_links_as_links_still_pass() -> None:
+    assert parse_rsync_opts("-z --bwlimit=50000 -v --safe-links") == ["-z", "--bwlimit=50000", "-v", "--safe-links"]

@@ -8,7 +8,16 @@ from collections import deque
 import pytest
 
 from vzpy.errors import AlreadyRunning, NotRunning, VzError, WrongStage
-from vzpy.stage import LIVE_STAGES, TRANSITIONS, Action, Stage, allowed_actions, transition
+from vzpy.stage import (
+    LIVE_STAGES,
+    RUNS_THIS_COPY,
+    TRANSITIONS,
+    Action,
+    Stage,
+    allowed_actions,
+    check_sequence,
+    transition,
+)
 
 S, A = Stage, Action
 
@@ -195,3 +204,16 @@ def test_allowed_actions_agree_with_transition() -> None:
 def test_transition_accepts_plain_string_values() -> None:
     # Stages come back from JSON as Stage(value); StrEnum members compare equal to their values.
     assert transition("101", Stage("suspended"), Action("chkpnt --dump")) is S.DUMPED
+
+
+def test_check_sequence_walks_the_table_and_names_the_first_refusal() -> None:
+    assert check_sequence("101", S.RUNNING, [A.SUSPEND, A.DUMP, A.KILL]) is S.STOPPED
+    assert check_sequence("101", S.RUNNING, [A.SUSPEND, A.DUMP, A.RESUME]) is S.RUNNING
+    with pytest.raises(WrongStage) as info:
+        check_sequence("101", S.RUNNING, [A.SUSPEND, A.KILL])
+    assert info.value.message.startswith("CT 101 is suspended: `chkpnt --kill` is not allowed now")
+
+
+def test_what_an_unfinished_migration_refuses_is_what_runs_this_copy() -> None:
+    # every action whose target is a running or runnable copy, and nothing that only stops or freezes it
+    assert frozenset({A.START, A.RESUME, A.UNDUMP, A.RESTORE_RESUME}) == RUNS_THIS_COPY

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 
 from vzpy import templates
-from vzpy.errors import BadTemplate, CommandFailed, InvalidValue, PrivateExists, SystemError_, TemplateNotFound
+from vzpy.errors import BadTemplate, CommandFailed, InvalidValue, PrivateExists, SystemFailure, TemplateNotFound
 from vzpy.templates import TemplateStore, init_script, resolve_in
 
 WAIT_TIMEOUT = 10.0
+# the init's 5 s grace, stretched by load, and the rest of its stop
+STUBBORN_STOP_TIMEOUT = 120.0
 
 
 def make_tarball(tarball: Path, tree: Path) -> Path:
@@ -188,6 +190,34 @@ def test_resolve_in_follows_links_inside_the_root(tmp_path: Path) -> None:
     assert resolve_in(root, "etc/passwd") is None
 
 
+def test_install_refuses_a_private_area_that_is_a_symlink_to_a_host_dir(store: TemplateStore, tmp_path: Path) -> None:
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    (tmp_path / "private").symlink_to(host_dir)
+    with pytest.raises(PrivateExists, match="is a symlink"):
+        store.install("minimal", tmp_path / "private")
+    assert list(host_dir.iterdir()) == []
+
+
+def test_install_init_follows_sbin_links_inside_the_tree_only(tmp_path: Path) -> None:
+    inside = make_tree(tmp_path / "inside")
+    shutil.rmtree(inside / "sbin")
+    (inside / "usr/sbin").mkdir(parents=True)
+    (inside / "sbin").symlink_to("usr/sbin")
+    templates.install_init(inside)
+    assert (inside / "usr/sbin/vzpy-init").read_bytes() == init_script()
+    assert os.readlink(inside / "usr/sbin/init") == "vzpy-init"
+
+    host_dir = tmp_path / "host-sbin"
+    host_dir.mkdir()
+    outside = make_tree(tmp_path / "outside")
+    shutil.rmtree(outside / "sbin")
+    (outside / "sbin").symlink_to(host_dir)  # absolute: inside the tree it leads nowhere
+    with pytest.raises(BadTemplate, match="cannot install the vzpy init"):
+        templates.install_init(outside)
+    assert list(host_dir.iterdir()) == []
+
+
 # --- create_debian: failures leave nothing behind -------------------------------------------------
 
 
@@ -266,7 +296,7 @@ def test_minimal_shell_runs(minimal_root: Path) -> None:
 
 def test_minimal_needs_busybox(store: TemplateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(templates, "BUSYBOX", tmp_path / "no-busybox")
-    with pytest.raises(SystemError_, match="make setup"):
+    with pytest.raises(SystemFailure, match="make setup"):
         store.install("minimal", tmp_path / "private")
     assert not (tmp_path / "private").exists()
 
@@ -275,7 +305,7 @@ def test_minimal_refuses_a_dynamic_busybox(
     store: TemplateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(templates, "BUSYBOX", Path(os.path.realpath("/bin/sh")))
-    with pytest.raises(SystemError_, match="dynamically linked"):
+    with pytest.raises(SystemFailure, match="dynamically linked"):
         store.install("minimal", tmp_path / "private")
     assert not (tmp_path / "private").exists()
 
@@ -353,11 +383,28 @@ class RunningInit:
         fds = Path(f"/proc/{self.pid}/fd")
         return {int(fd.name): os.readlink(fd) for fd in fds.iterdir()}
 
-    def stop(self) -> tuple[int, float]:
+    def stop(self, timeout: float = WAIT_TIMEOUT) -> tuple[int, float]:
         started = time.monotonic()
         os.kill(self.pid, signal.SIGTERM)
-        code = self.starter.wait(timeout=WAIT_TIMEOUT)
+        code = self.starter.wait(timeout=timeout)
         return code, time.monotonic() - started
+
+    def stubborn_pid(self) -> int:
+        """The child running the stubborn service's `sleep` (it exec'd, so it is the init's child)."""
+        for pid in self.children():
+            if _cmdline(pid) == ["sleep", "1000"] and _ignores_sigterm(pid):
+                return pid
+        raise AssertionError("no child of the init runs the stubborn service")
+
+
+def _cmdline(pid: int) -> list[str]:
+    return (read(Path(f"/proc/{pid}/cmdline")) or "").split("\0")[:-1]
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    status = read(Path(f"/proc/{pid}/status")) or ""
+    ignored = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
+    return bool(int(ignored, 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def _state(pid: int) -> str:
@@ -418,7 +465,31 @@ def test_init_kills_what_ignores_sigterm_after_5s(ct_root: tuple[Path, list[str]
     with running_init(root, command, tmp_path / "init.log") as init:
         wait_for(lambda: (root / "run/vzpy-init.ready").exists(), "the ready marker")
         wait_for(lambda: (root / "tmp/stubborn").exists(), "the stubborn service")
-        code, elapsed = init.stop()
+        wait_for(lambda: _has_stubborn_child(init), "the stubborn service's sleep")
+        wait_for(lambda: _traps_sigterm(init, "20-orphans"), "the 20-orphans service's TERM trap")
+        stubborn = init.stubborn_pid()
+        # No upper bound on the time: the init's grace is 50 rounds of `sleep 0.1`, which a loaded machine
+        # stretches. Only the lower bound is certain: nothing is killed before those 5 s have passed.
+        code, elapsed = init.stop(timeout=STUBBORN_STOP_TIMEOUT)
+        assert _state(stubborn) == "gone"
     assert code == 0, (tmp_path / "init.log").read_text()
-    assert 4.5 <= elapsed < 6.5
+    assert elapsed >= 5.0
     assert (root / "tmp/got-term").exists()
+
+
+def _traps_sigterm(init: RunningInit, service: str) -> bool:
+    """Whether the shell running `service` has its TERM trap set (a TERM before it would go unrecorded)."""
+    for pid in init.children():
+        if any(arg.endswith(f"/{service}") for arg in _cmdline(pid)):
+            status = read(Path(f"/proc/{pid}/status")) or ""
+            caught = next((line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0")
+            return bool(int(caught, 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def _has_stubborn_child(init: RunningInit) -> bool:
+    try:
+        init.stubborn_pid()
+    except AssertionError:
+        return False
+    return True

@@ -1,17 +1,14 @@
-"""The object every command gets as ctx.obj: configuration, containers, locking, output."""
+"""The object every command gets as ctx.obj (`@click.pass_obj`): configuration, containers, locking, output."""
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-import click
-
+from vzpy.cli import display
 from vzpy.config import GlobalConfig
 from vzpy.container import Container
 from vzpy.lock import ct_lock
@@ -50,14 +47,18 @@ class App:
         with ct_lock(self.gconf.lockdir, ct.ctid, operation):
             yield
 
-    def progress(self, message: str) -> None:
+    def progress(self, message: str, *, to_stderr: bool = False) -> None:
+        """What is going on; silenced by -q. `to_stderr` keeps stdout for data (e.g. --json)."""
         if not self.quiet:
-            click.echo(message, err=False)
+            display.progress(message, to_stderr=to_stderr)
+
+    @staticmethod
+    def warn(message: str) -> None:
+        display.warning(message)
 
     @staticmethod
     def print_json(data: Any) -> None:
-        json.dump(data, sys.stdout, indent=2, sort_keys=False)
-        sys.stdout.write("\n")
+        display.json_out(data)
 
 
 def _ctid_order(ctid: str) -> tuple[int, int, str]:

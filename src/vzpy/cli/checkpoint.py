@@ -6,14 +6,11 @@ from pathlib import Path
 
 import click
 
-from vzpy import checkpoint, dumpfile
-from vzpy.cli import cli
+from vzpy.cli import display
 from vzpy.cli.app import App
 from vzpy.container import Container
-from vzpy.errors import InvalidSyntax
 from vzpy.stage import Action
 
-pass_app = click.make_pass_decorator(App)
 DUMPFILE = click.option("--dumpfile", type=click.Path(path_type=Path), help="Dump file (default: DUMPDIR/Dump.CTID).")
 
 CHKPNT_EPILOG = """\b
@@ -36,7 +33,7 @@ unless the dump was made with --with-fs, whose files are put back first.
 """
 
 
-@cli.command(epilog=CHKPNT_EPILOG)
+@click.command(epilog=CHKPNT_EPILOG)
 @click.argument("ctid")
 @DUMPFILE
 @click.option("--suspend", "do_suspend", is_flag=True, help="Freeze the CT and lock its network.")
@@ -46,7 +43,7 @@ unless the dump was made with --with-fs, whose files are put back first.
 @click.option("--snapshot", "--leave-running", "snapshot", is_flag=True, help="--suspend --dump --resume.")
 @click.option("--compress", is_flag=True, help="zstd-compress the dump file.")
 @click.option("--with-fs", is_flag=True, help="Also store the CT's files: the dump stays restorable after they change.")
-@pass_app
+@click.pass_obj
 def chkpnt(
     app: App,
     ctid: str,
@@ -60,102 +57,69 @@ def chkpnt(
     with_fs: bool,
 ) -> None:
     """Checkpoint running CT CTID to a dump file and stop it (or one stage of that)."""
-    actions = _chkpnt_actions(do_suspend, do_dump, do_kill, do_resume, snapshot)
+    from vzpy import checkpoint
+
+    actions = checkpoint.chkpnt_actions(do_suspend, do_dump, do_kill, do_resume, snapshot)
     ct = app.existing(ctid)
     with app.locked(ct, "chkpnt"):
-        checkpoint.plan(ct, actions)
-        path = checkpoint.dumpfile_for(ct, dumpfile)
-        snapshot = actions[-2:] == [Action.DUMP, Action.RESUME]
-        for action in actions[:-1] if snapshot else actions:
-            if action is Action.SUSPEND:
-                checkpoint.suspend(ct, app.progress)
-            elif action is Action.DUMP:
-                checkpoint.dump(
-                    ct, path, compress=compress, with_fs=with_fs, progress=app.progress, then_resume=snapshot
-                )
-            elif action is Action.KILL:
-                checkpoint.kill(ct, app.progress)
-            else:
-                checkpoint.resume(ct, app.progress)
+        target = checkpoint.DumpTarget(checkpoint.dumpfile_for(ct, dumpfile), compress=compress, with_fs=with_fs)
+        checkpoint.run_chkpnt(ct, actions, target, app.progress)
 
 
-def _chkpnt_actions(suspend: bool, dump: bool, kill: bool, resume: bool, snapshot: bool) -> list[Action]:
-    if snapshot:
-        if kill:
-            raise InvalidSyntax("--snapshot resumes the CT; it cannot be combined with --kill")
-        suspend = dump = resume = True
-    if kill and resume:
-        raise InvalidSyntax("--kill and --resume exclude each other: the dumped CT is either stopped or resumed")
-    if not (suspend or dump or kill or resume):
-        return [Action.SUSPEND, Action.DUMP, Action.KILL]
-    chosen = ((suspend, Action.SUSPEND), (dump, Action.DUMP), (kill, Action.KILL), (resume, Action.RESUME))
-    return [action for wanted, action in chosen if wanted]
-
-
-@cli.command(epilog=RESTORE_EPILOG)
+@click.command(epilog=RESTORE_EPILOG)
 @click.argument("ctid")
 @DUMPFILE
 @click.option("--undump", "do_undump", is_flag=True, help="Recreate the processes, frozen.")
 @click.option("--resume", "do_resume", is_flag=True, help="Wake the undumped processes.")
 @click.option("--kill", "do_kill", is_flag=True, help="Kill the undumped processes.")
 @click.option("--skip-fs-check", is_flag=True, help="Restore even if the CT's files differ from the checkpoint's.")
-@pass_app
+@click.pass_obj
 def restore(
     app: App, ctid: str, dumpfile: Path | None, do_undump: bool, do_resume: bool, do_kill: bool, skip_fs_check: bool
 ) -> None:
     """Restore CT CTID from a dump file, here or on another host with the same files."""
-    if do_resume and do_kill:
-        raise InvalidSyntax("--resume and --kill exclude each other")
-    if not (do_undump or do_resume or do_kill):
-        do_undump = do_resume = True
-    actions = [
-        a
-        for wanted, a in (
-            (do_undump, Action.UNDUMP),
-            (do_resume, Action.RESTORE_RESUME),
-            (do_kill, Action.RESTORE_KILL),
-        )
-        if wanted
-    ]
+    from vzpy import checkpoint
+
+    actions = checkpoint.restore_actions(do_undump, do_resume, do_kill)
     ct = app.container(ctid)
     with app.locked(ct, "restore"):
-        imported = do_undump and not ct.exists() and _import_config(ct, dumpfile)
+        path = checkpoint.dumpfile_for(ct, dumpfile) if Action.UNDUMP in actions else None
+        imported = path is not None and not ct.exists() and _import_config(ct, path)
         try:
-            checkpoint.plan(app.existing(ctid), actions)
-            for action in actions:
-                if action is Action.UNDUMP:
-                    path = checkpoint.dumpfile_for(ct, dumpfile)
-                    checkpoint.undump(ct, path, skip_fs_check=skip_fs_check, progress=app.progress)
-                elif action is Action.RESTORE_RESUME:
-                    checkpoint.restore_resume(ct, app.progress)
-                else:
-                    checkpoint.restore_kill(ct, app.progress)
+            checkpoint.run_restore(
+                app.existing(ctid), actions, path, skip_fs_check=skip_fs_check, progress=app.progress
+            )
         except BaseException:
             if imported:
                 ct.conf_path.unlink(missing_ok=True)
             raise
 
 
-def _import_config(ct: Container, given: Path | None) -> bool:
+def _import_config(ct: Container, path: Path) -> bool:
     """A CT unknown here (restore on another host): take its CTID.conf from the dump file."""
-    path = checkpoint.dumpfile_for(ct, given)
+    from vzpy import checkpoint, dumpfile
+
+    checkpoint.check_dump_source(path)
     manifest = dumpfile.read_manifest(path)
     checkpoint.import_config(ct, manifest)
     return True
 
 
-@cli.command()
+@click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--verify", is_flag=True, help="Also check every member's size and sha256 (reads the whole file).")
-@pass_app
+@click.pass_obj
 def dumpinfo(app: App, path: Path, as_json: bool, verify: bool) -> None:
     """Show what a dump file holds (CT, time, processes, memory) without restoring it."""
+    from vzpy import checkpoint, dumpfile
+
+    checkpoint.check_dump_source(path)
     manifest = dumpfile.verify(path) if verify else dumpfile.read_manifest(path)
     if as_json:
-        click.echo(manifest.to_json())
+        display.out(manifest.to_json())
         return
     for line in dumpfile.describe(manifest):
-        click.echo(line)
+        display.out(line)
     if verify:
-        click.echo("verified: every member's size and sha256 match")
+        display.out("verified: every member's size and sha256 match")

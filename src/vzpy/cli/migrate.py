@@ -8,18 +8,19 @@ from pathlib import Path
 
 import click
 
-from vzpy.cli import cli
+from vzpy.cli import display
 from vzpy.cli.app import App
 
-pass_app = click.make_pass_decorator(App)
-
 EPILOG = """\b
-Online: sync the files while the CT runs, freeze it, sync again, dump it with its memory
-streamed through SSH to a CRIU page server on HOST, restore and resume it there, then stop
-and remove it here. Until it runs on HOST, any failure leaves it running here.
+Online: sync the files while the CT runs, freeze it, dump it with its memory streamed
+through SSH to a CRIU page server on HOST, sync again, restore and resume it there, then stop
+and remove it here. Until HOST is asked to run it, any failure (or --max-frozen running
+out) leaves it running here.
 Offline (no --online): stop, sync, start on HOST.
-If vzpy is killed during a migration: `vzpy migrate --recover HOST CTID` finishes it or
-undoes it, whichever HOST's state says.
+Once HOST is asked to run the CT, the copy here is never resumed unless HOST says it did not
+take it: if the link drops then, vzpy exits non-zero and leaves it suspended.
+If vzpy is killed or the outcome is in doubt: `vzpy migrate --recover HOST CTID` finishes it
+or undoes it, whichever HOST's state says.
 \b
 Examples:
   vzpy migrate --online 10.0.0.2 101
@@ -28,7 +29,7 @@ Examples:
 """
 
 
-@cli.command(epilog=EPILOG)
+@click.command(epilog=EPILOG)
 @click.argument("host")
 @click.argument("ctid")
 @click.option("--online", is_flag=True, help="Live migration: the CT keeps its processes and connections.")
@@ -59,13 +60,22 @@ Examples:
     flag_value="all",
     default=None,
     metavar="CHECKS",
-    help="Skip preflight checks: all, or some of version,criu,ctid,disk_space,cpu,ip.",
+    help="Skip preflight checks: all, or a comma-separated list of: version, criu, cgroups, ctid, disk_space, "
+    "cpu, ip, dumpable.",
+)
+@click.option(
+    "--max-frozen",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest time the CT may stay frozen (online); past it the migration is undone and the CT resumed here.",
 )
 @click.option("-t", "--times", is_flag=True, help="Print each phase's duration and the frozen time at the end.")
 @click.option("-v", "--verbose", is_flag=True, help="More detail while it runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (progress goes to stderr).")
 @click.option("--recover", is_flag=True, help="Finish or undo an interrupted migration of CTID to HOST.")
-@pass_app
+@click.pass_obj
 def migrate(
     app: App,
     host: str,
@@ -83,6 +93,7 @@ def migrate(
     times: bool,
     verbose: bool,
     as_json: bool,
+    max_frozen: float,
     recover: bool,
 ) -> None:
     """Move CT CTID to HOST ([user@]host[:port]) over SSH."""
@@ -106,11 +117,11 @@ def migrate(
         remote_vzpy=remote_vzpy,
         nodeps=parse_nodeps(nodeps),
         verbose=verbose,
+        max_frozen=max_frozen,
     )
 
     def progress(message: str) -> None:
-        if not app.quiet:
-            click.echo(message, err=as_json)
+        app.progress(message, to_stderr=as_json)
 
     ct = app.existing(ctid)
     with app.locked(ct, f"migrate to {target.host}"):
@@ -121,17 +132,15 @@ def migrate(
     if as_json:
         app.print_json(summary.as_dict())
     elif times:
-        for name, seconds in summary.phases:
-            click.echo(f"  {name:<45} {seconds:8.2f}s")
-        if summary.frozen_seconds is not None:
-            click.echo(f"  {'frozen (suspend to resume on ' + target.host + ')':<45} {summary.frozen_seconds:8.2f}s")
+        for line in display.phase_times(summary.phases, summary.frozen_seconds, target.host):
+            display.out(line)
     if not check_only:
         progress(f"CT {ctid} migrated to {target.host} ({summary.path})")
     else:
         progress(f"preflight to {target.host} passed")
 
 
-@cli.command(name="migrate-agent", hidden=True)
+@click.command(name="migrate-agent", hidden=True)
 def migrate_agent() -> None:
     """Serve an incoming migration on stdin/stdout (run by `vzpy migrate` over SSH, not by hand)."""
     from vzpy.migrate.agent import serve_stdio

@@ -4,35 +4,35 @@ from __future__ import annotations
 
 import click
 
-from vzpy.cli import cli
+from vzpy.cli import display
 from vzpy.cli.app import App
 from vzpy.templates import TemplateStore
 
-pass_app = click.make_pass_decorator(App)
 DEBIAN_SUITES = {"debian-12": "bookworm", "debian-13": "trixie"}
 
 
-@cli.group()
+@click.group()
 def template() -> None:
     """OS templates that CTs are created from (TEMPLATE dir of vz.conf)."""
 
 
 @template.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@pass_app
+@click.pass_obj
 def list_(app: App, as_json: bool) -> None:
     """List available templates: 'minimal' (built in) and every NAME.tar.{gz,xz,zst}."""
     names = TemplateStore(app.gconf.template_dir).names()
     if as_json:
         app.print_json(names)
     else:
-        click.echo("\n".join(names))
+        for name in names:
+            display.out(name)
 
 
 @template.command()
 @click.argument("name", type=click.Choice(sorted(DEBIAN_SUITES)))
 @click.option("--mirror", default="http://deb.debian.org/debian", show_default=True, help="Debian mirror.")
-@pass_app
+@click.pass_obj
 def create(app: App, name: str, mirror: str) -> None:
     """Build template NAME with debootstrap (minbase + vzpy's init), as NAME.tar.zst."""
     store = TemplateStore(app.gconf.template_dir)

@@ -15,14 +15,14 @@ from vzpy.criu.features import (
     detect_capabilities,
     report,
 )
-from vzpy.criu.options import Action, CgroupMode, CriuOptions, NetworkLock
+from vzpy.criu.options import CgroupMode, CriuAction, CriuOptions, NetworkLock
 from vzpy.criu.rpc import Criu, FdCallback, NotifyCallback, PageServer, first_error, log_excerpt
 
 __all__ = [
-    "Action",
     "CapabilityReport",
     "CgroupMode",
     "Criu",
+    "CriuAction",
     "CriuBinary",
     "CriuOptions",
     "CriuVersion",

@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from vzpy import proc
+from vzpy import fileio, proc
 from vzpy.errors import CommandFailed, CriuUnavailable
 
 DEFAULT_CRIU = Path("/opt/vzpy/criu/bin/criu")
@@ -168,9 +168,8 @@ def _checked_before(path: Path, kernel: str) -> CriuVersion | None:
 def _remember_check(path: Path, kernel: str, version: CriuVersion) -> None:
     try:
         CHECK_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CHECK_CACHE.with_name(f".{CHECK_CACHE.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"key": _check_key(path, kernel), "version": f"Version: {version}"}))
-        os.replace(tmp, CHECK_CACHE)
+        record = {"key": _check_key(path, kernel), "version": f"Version: {version}"}
+        fileio.write_atomic(CHECK_CACHE, json.dumps(record), mode=0o644, durable=False)
     except OSError:
         pass  # only a cache
 
@@ -188,4 +187,5 @@ def load_rpc() -> ModuleType:
         from pycriu import rpc_pb2
     except (ImportError, TypeError) as e:  # TypeError: generated code too old for this protobuf
         raise CriuUnavailable(f"pycriu is not importable ({e}); {FIX} and its pycriu") from e
-    return rpc_pb2
+    module: ModuleType = rpc_pb2  # pycriu has no type information (pyproject.toml: ignore_missing_imports)
+    return module

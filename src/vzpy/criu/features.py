@@ -15,7 +15,6 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from vzpy import proc
+from vzpy import fileio, proc
 from vzpy.criu.binary import CriuBinary, kernel_release
 from vzpy.criu.options import NetworkLock
 from vzpy.criu.rpc import Criu, first_error, read_log
+from vzpy.errors import VzError
+from vzpy.host import mounts
 
 CRIU_FEATURES = (
     "mem_dirty_track",
@@ -44,7 +45,6 @@ FACT_KEYS = {"features", "page_server", "lazy_pages", "lazy_pages_note", "lazy_p
 CACHE_FORMAT = 1
 PROBE_TIMEOUT = 20.0
 PROBE_ADDRESS = "127.0.0.1"
-PROC_MOUNTS = Path("/proc/self/mounts")
 PROBE_PROGRAM = """
 import time
 memory = bytearray(4 << 20)
@@ -234,29 +234,23 @@ def _save_cache(cache_dir: Path, key: dict[str, Any], facts: dict[str, Any]) -> 
     """Best effort: an unwritable cache dir only means the next run probes again."""
     with suppress(OSError):
         cache_dir.mkdir(parents=True, exist_ok=True)
-        path = cache_dir / CACHE_FILE
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "facts": facts}, indent=2) + "\n")
-        os.replace(tmp, path)
+        record = json.dumps({"key": key, "facts": facts}, indent=2) + "\n"
+        fileio.write_atomic(cache_dir / CACHE_FILE, record, mode=0o644, durable=False)
 
 
-def find_freezer(mounts_text: str | None = None) -> tuple[str, str] | None:
+def find_freezer(table: Sequence[mounts.Mount] | None = None) -> tuple[str, str] | None:
     """The cgroup freezer: a v1 hierarchy with the freezer controller, else cgroup2 (cgroup.freeze)."""
-    if mounts_text is None:
+    if table is None:
         try:
-            mounts_text = PROC_MOUNTS.read_text()
+            table = mounts.mounts()
         except OSError:
             return None
     v2 = None
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        mountpoint, fstype, options = fields[1], fields[2], fields[3].split(",")
-        if fstype == "cgroup" and "freezer" in options:
-            return ("v1", mountpoint)
-        if fstype == "cgroup2" and v2 is None:
-            v2 = ("v2", mountpoint)
+    for mount in table:
+        if mount.fstype == "cgroup" and "freezer" in mount.super_options | mount.options:
+            return ("v1", mount.point)
+        if mount.fstype == "cgroup2" and v2 is None:
+            v2 = ("v2", mount.point)
     # cgroup.freeze exists in every non-root cgroup of a kernel with the v2 freezer (>= 5.2).
     if v2 and any(Path(v2[1]).glob("*/cgroup.freeze")):
         return v2
@@ -273,19 +267,20 @@ def probe_lazy_pages(binary: Path, *, timeout: float = PROBE_TIMEOUT) -> tuple[b
         images = Path(tmp)
         try:
             pid = cleanup.enter_context(_throwaway_tree(deadline))
-        except OSError as e:
+        except (OSError, VzError) as e:
             return False, f"probe could not start a throwaway process: {e}"
         port = str(_free_port())
         where = ["--address", PROBE_ADDRESS, "--port", port]
-        dump = _start_ready(binary, ["dump", "-t", str(pid), "--lazy-pages", *where], images, "dump", deadline)
-        cleanup.callback(_stop, dump)
+        dump_args = ["dump", "-t", str(pid), "--lazy-pages", *where]
+        dump = cleanup.enter_context(_start_ready(binary, dump_args, images, "dump", deadline))
         if dump.poll() is None:
-            lazy = _start_ready(binary, ["lazy-pages", "--page-server", *where], images, "lazy", deadline)
-            cleanup.callback(_stop, lazy)
-            restore = [binary, "restore", "-D", images, "--lazy-pages", "-d", "--pidfile", "restored.pid"]
-            _run_until([*restore, "-o", "restore.log"], deadline)
+            lazy_args = ["lazy-pages", "--page-server", *where]
+            lazy = cleanup.enter_context(_start_ready(binary, lazy_args, images, "lazy", deadline))
+            restore = [str(binary), "restore", "-D", str(images), "--lazy-pages", "-d", "--pidfile", "restored.pid"]
+            with proc.spawn([*restore, "-o", "restore.log"], timeout=_left(deadline)) as restoring:
+                restoring.wait()
             cleanup.callback(_kill_restored, images / "restored.pid")
-            exits = [_wait_until(dump, deadline), _wait_until(lazy, deadline)]
+            exits = [dump.wait(), lazy.wait()]
             if exits == [0, 0] and _restored_alive(images / "restored.pid"):
                 return True, "lazy dump + lazy-pages + lazy restore round trip worked"
         reason = _first_log_error(images, ("dump.log", "lazy.log", "restore.log"))
@@ -297,24 +292,17 @@ def _throwaway_tree(deadline: float) -> Iterator[int]:
     """A process with a few MiB of touched memory (lazy transfers of only a handful of pages fail in
     ways a real CT never sees), as pid 1 of its own pid namespace and session: restorable while the
     original still lives (the lazy dump kills it only once all pages are transferred)."""
-    holder = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--", "setsid", sys.executable, "-c", PROBE_PROGRAM],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    child = None
-    try:
-        child = _first_child(holder.pid, deadline)
-        yield child
-    finally:
-        # pid 1 of a pid namespace ignores SIGTERM: SIGKILL both.
-        if child is not None:
-            with suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        holder.kill()
-        holder.wait()
+    argv = ["unshare", "--pid", "--fork", "--", "setsid", sys.executable, "-c", PROBE_PROGRAM]
+    with proc.spawn(argv, timeout=_left(deadline), what="the probe's throwaway process", new_session=True) as holder:
+        child = None
+        try:
+            child = _first_child(holder.pid, deadline)
+            yield child
+        finally:
+            # pid 1 of a pid namespace ignores SIGTERM: SIGKILL it; leaving the block kills and reaps unshare.
+            if child is not None:
+                with suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
 
 
 def _first_child(pid: int, deadline: float) -> int:
@@ -333,48 +321,24 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_ready(
-    binary: Path, args: Sequence[str], images: Path, name: str, deadline: float
-) -> subprocess.Popen[bytes]:
+def _start_ready(binary: Path, args: Sequence[str], images: Path, name: str, deadline: float) -> proc.Child:
     """Start a CRIU command and wait until it reports ready on --status-fd (or exits)."""
     ready_r, ready_w = os.pipe()
     try:
-        command = [binary, *args, "-D", images, "-o", f"{name}.log", "--status-fd", str(ready_w)]
-        process = subprocess.Popen(
-            command,
-            pass_fds=(ready_w,),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command: list[str | Path] = [binary, *args, "-D", images, "-o", f"{name}.log", "--status-fd", str(ready_w)]
+        child = proc.spawn(command, timeout=_left(deadline), what=f"criu {args[0]}", pass_fds=(ready_w,))
         os.close(ready_w)
         ready_w = -1
-        select.select([ready_r], [], [], max(deadline - time.monotonic(), 0))
+        select.select([ready_r], [], [], _left(deadline))
     finally:
         os.close(ready_r)
         if ready_w >= 0:
             os.close(ready_w)
-    return process
+    return child
 
 
-def _run_until(argv: Sequence[str | os.PathLike[str]], deadline: float) -> int | None:
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    code = _wait_until(process, deadline)
-    _stop(process)
-    return code
-
-
-def _wait_until(process: subprocess.Popen[bytes], deadline: float) -> int | None:
-    try:
-        return process.wait(max(deadline - time.monotonic(), 0.01))
-    except subprocess.TimeoutExpired:
-        return None
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.kill()
-    process.wait()
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
 
 
 def _restored_alive(pidfile: Path) -> bool:

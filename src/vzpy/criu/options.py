@@ -17,7 +17,7 @@ from typing import Any
 from vzpy.criu.binary import load_rpc
 
 
-class Action(StrEnum):
+class CriuAction(StrEnum):
     DUMP = "dump"
     PRE_DUMP = "pre-dump"
     RESTORE = "restore"
@@ -47,13 +47,13 @@ class NetworkLock(StrEnum):
 # The RPC request type for each action. A pre-dump uses SINGLE_PRE_DUMP: with PRE_DUMP the swrk waits
 # for a further PRE_DUMP or DUMP on the same connection, but each of our calls is its own swrk.
 REQUEST_TYPES = {
-    Action.DUMP: "DUMP",
-    Action.PRE_DUMP: "SINGLE_PRE_DUMP",
-    Action.RESTORE: "RESTORE",
-    Action.CHECK: "CHECK",
-    Action.PAGE_SERVER: "PAGE_SERVER_CHLD",
-    Action.FEATURE_CHECK: "FEATURE_CHECK",
-    Action.VERSION: "VERSION",
+    CriuAction.DUMP: "DUMP",
+    CriuAction.PRE_DUMP: "SINGLE_PRE_DUMP",
+    CriuAction.RESTORE: "RESTORE",
+    CriuAction.CHECK: "CHECK",
+    CriuAction.PAGE_SERVER: "PAGE_SERVER_CHLD",
+    CriuAction.FEATURE_CHECK: "FEATURE_CHECK",
+    CriuAction.VERSION: "VERSION",
 }
 CGROUP_MODES = {
     CgroupMode.IGNORE: "IGNORE",
@@ -67,9 +67,9 @@ NETWORK_LOCKS = {NetworkLock.IPTABLES: "IPTABLES", NetworkLock.NFTABLES: "NFTABL
 # Features the FEATURE_CHECK request can ask about (criu_features fields).
 RPC_FEATURES = ("mem_track", "lazy_pages", "pidfd_store")
 
-DUMPS = frozenset({Action.DUMP, Action.PRE_DUMP})
-TREE_ACTIONS = DUMPS | {Action.RESTORE}
-IMAGE_ACTIONS = TREE_ACTIONS | {Action.PAGE_SERVER}
+DUMPS = frozenset({CriuAction.DUMP, CriuAction.PRE_DUMP})
+TREE_ACTIONS = DUMPS | {CriuAction.RESTORE}
+IMAGE_ACTIONS = TREE_ACTIONS | {CriuAction.PAGE_SERVER}
 
 
 @dataclass
@@ -122,7 +122,7 @@ class CriuOptions:
     track_mem: bool = False
     # Previous pre-dump's images dir, relative to images_dir (e.g. "../1").
     parent_img: str | None = None
-    # Page server: for a dump, where to send pages; for Action.PAGE_SERVER, where to listen
+    # Page server: for a dump, where to send pages; for CriuAction.PAGE_SERVER, where to listen
     # (port 0 = any free port; the chosen one is returned). With lazy_pages, where the dump listens.
     page_server: tuple[str, int] | None = None
     # Post-copy: the dump leaves pages for `criu lazy-pages`; the restore faults them in on demand.
@@ -137,13 +137,13 @@ class CriuOptions:
     timeout: int | None = None
     # Punch holes in parent images' pages once they are copied forward (saves space with pre-dumps).
     auto_dedup: bool = False
-    # For Action.FEATURE_CHECK: which of RPC_FEATURES to ask about.
+    # For CriuAction.FEATURE_CHECK: which of RPC_FEATURES to ask about.
     features: tuple[str, ...] = RPC_FEATURES
 
-    def log_name(self, action: Action) -> str:
+    def log_name(self, action: CriuAction) -> str:
         return self.log_file or f"{action}.log"
 
-    def log_path(self, action: Action) -> Path | None:
+    def log_path(self, action: CriuAction) -> Path | None:
         directory = self.work_dir or self.images_dir
         return directory.absolute() / self.log_name(action) if directory else None
 
@@ -157,7 +157,7 @@ class DirFds:
 
 
 @contextmanager
-def open_dirs(action: Action, opts: CriuOptions) -> Iterator[DirFds]:
+def open_dirs(action: CriuAction, opts: CriuOptions) -> Iterator[DirFds]:
     """Open images_dir and work_dir for the RPC's duration (OSError if one cannot be opened)."""
     opened: list[int] = []
 
@@ -178,37 +178,37 @@ def open_dirs(action: Action, opts: CriuOptions) -> Iterator[DirFds]:
             os.close(fd)
 
 
-def validate(action: Action, opts: CriuOptions) -> None:
+def validate(action: CriuAction, opts: CriuOptions) -> None:
     """Refuse requests CRIU would misread (ValueError: a programming error, not an operator's)."""
     if action in IMAGE_ACTIONS and opts.images_dir is None:
         raise ValueError(f"criu {action} needs images_dir")
     if action in DUMPS and not opts.pid:
         # Without a pid CRIU dumps the requesting process: the swrk itself.
         raise ValueError(f"criu {action} needs the pid of the tree's root")
-    if action is Action.PAGE_SERVER and opts.page_server is None:
+    if action is CriuAction.PAGE_SERVER and opts.page_server is None:
         raise ValueError("criu page-server needs page_server=(address, port)")
     if "/" in opts.log_name(action):
         raise ValueError(f"log_file must be a plain name inside work_dir, not {opts.log_file!r}")
     unknown = set(opts.features) - set(RPC_FEATURES)
-    if action is Action.FEATURE_CHECK and unknown:
+    if action is CriuAction.FEATURE_CHECK and unknown:
         raise ValueError(f"RPC feature check knows only {RPC_FEATURES}, not {sorted(unknown)}")
 
 
-def build_request(action: Action, opts: CriuOptions, dirs: DirFds | None = None) -> Any:
+def build_request(action: CriuAction, opts: CriuOptions, dirs: DirFds | None = None) -> Any:
     """The criu_req for `action`. `dirs` are the open fds of images_dir/work_dir (see open_dirs)."""
     validate(action, opts)
     rpc = load_rpc()
     req = rpc.criu_req(type=rpc.criu_req_type.Value(REQUEST_TYPES[action]))
-    if action is Action.VERSION:
+    if action is CriuAction.VERSION:
         return req
-    if action is Action.FEATURE_CHECK:
+    if action is CriuAction.FEATURE_CHECK:
         req.features.CopyFrom(rpc.criu_features(**{name: True for name in opts.features}))
         return req
     dirs = dirs or DirFds()
     # images_dir_fd is a required proto2 field: -1 says "none" (a check needs no images).
     req.opts.images_dir_fd = dirs.images if dirs.images is not None else -1
     req.opts.log_level = opts.log_level
-    if action is Action.CHECK:
+    if action is CriuAction.CHECK:
         return req
     _set_log(req.opts, action, opts, dirs)
     _set_page_server(req.opts, action, opts)
@@ -216,29 +216,29 @@ def build_request(action: Action, opts: CriuOptions, dirs: DirFds | None = None)
         _set_tree(req.opts, rpc, action, opts)
     if action in DUMPS:
         _set_dump(req.opts, action, opts)
-    if action is Action.RESTORE:
+    if action is CriuAction.RESTORE:
         _set_restore(req.opts, rpc, opts)
     return req
 
 
-def _set_log(msg: Any, action: Action, opts: CriuOptions, dirs: DirFds) -> None:
+def _set_log(msg: Any, action: CriuAction, opts: CriuOptions, dirs: DirFds) -> None:
     # work_dir_fd only when a work dir is given: without it CRIU logs into the images dir.
     if dirs.work is not None:
         msg.work_dir_fd = dirs.work
     msg.log_file = opts.log_name(action)
 
 
-def _set_page_server(msg: Any, action: Action, opts: CriuOptions) -> None:
+def _set_page_server(msg: Any, action: CriuAction, opts: CriuOptions) -> None:
     # ps only when pages are streamed (dump -> remote page server), served (page-server), or left
     # for lazy-pages (dump with lazy_pages): otherwise a dump writes pages into images_dir.
-    if opts.page_server is None or action is Action.RESTORE:
+    if opts.page_server is None or action is CriuAction.RESTORE:
         return
     address, port = opts.page_server
     msg.ps.address = address
     msg.ps.port = port
 
 
-def _set_tree(msg: Any, rpc: Any, action: Action, opts: CriuOptions) -> None:
+def _set_tree(msg: Any, rpc: Any, action: CriuAction, opts: CriuOptions) -> None:
     """Options shared by dump, pre-dump and restore."""
     for name in ("notify_scripts", "shell_job", "ext_unix_sk", "file_locks", "auto_dedup"):
         if getattr(opts, name):
@@ -251,18 +251,18 @@ def _set_tree(msg: Any, rpc: Any, action: Action, opts: CriuOptions) -> None:
         if controller:
             root.ctrl = controller
     # A pre-dump does not touch the network: it leaves the tree running.
-    if action is not Action.PRE_DUMP:
+    if action is not CriuAction.PRE_DUMP:
         if opts.tcp_established:
             msg.tcp_established = True
         if opts.network_lock is not None:
             msg.network_lock = rpc.criu_network_lock_method.Value(NETWORK_LOCKS[opts.network_lock])
     # lazy_pages: the dump keeps pages for lazy-pages; the restore leaves them to uffd. A pre-dump
     # has no lazy mode.
-    if opts.lazy_pages and action is not Action.PRE_DUMP:
+    if opts.lazy_pages and action is not CriuAction.PRE_DUMP:
         msg.lazy_pages = True
 
 
-def _set_dump(msg: Any, action: Action, opts: CriuOptions) -> None:
+def _set_dump(msg: Any, action: CriuAction, opts: CriuOptions) -> None:
     """Options for dump and pre-dump."""
     assert opts.pid is not None  # validate() refused a dump without a pid
     msg.pid = opts.pid
@@ -277,7 +277,7 @@ def _set_dump(msg: Any, action: Action, opts: CriuOptions) -> None:
         msg.parent_img = opts.parent_img
     if opts.timeout is not None:
         msg.timeout = opts.timeout
-    if action is Action.PRE_DUMP:
+    if action is CriuAction.PRE_DUMP:
         return
     if opts.leave_running:
         msg.leave_running = True

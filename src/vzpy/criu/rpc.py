@@ -12,18 +12,17 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from vzpy import proc
+from vzpy.criu import diagnose
 from vzpy.criu.binary import CriuBinary, CriuVersion, load_rpc
-from vzpy.criu.options import IMAGE_ACTIONS, Action, CriuOptions, build_request, open_dirs
+from vzpy.criu.options import IMAGE_ACTIONS, CriuAction, CriuOptions, build_request, open_dirs
 from vzpy.errors import ChkpntError, CriuUnavailable, RestoreError, VzError
 
 # notify(script, pid): script is CRIU's action name ("pre-dump", "post-dump", "network-lock",
@@ -37,6 +36,8 @@ FdCallback = Callable[[str, int], None]
 
 DEFAULT_TIMEOUT = 600.0
 EXIT_GRACE = 10.0  # how long a swrk may take to exit after its final answer
+KILL_GRACE = 10.0  # how long a SIGKILLed swrk may take to die (it finishes the syscall it is in first)
+SEND_TIMEOUT = 10.0  # a request is a few hundred bytes: a full socket buffer means CRIU stopped reading
 RECV_BUFFER = 1 << 16
 MAX_FDS_PER_MESSAGE = 8
 LOG_TAIL_BYTES = 16 << 20
@@ -121,25 +122,27 @@ class _Swrk:
     def __init__(self, binary: Path, pass_fds: Iterable[int] = ()) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
-        # A file, not a pipe: nobody has to drain it while CRIU works, and it survives CRIU's exit.
-        self.stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the swrk
         try:
-            self.process = subprocess.Popen(
-                [os.fspath(binary), "swrk", str(theirs.fileno())],
+            # Its output goes to spawn's file: nobody has to drain it while CRIU works, and it survives CRIU's
+            # exit. Out of our session: a ^C on our terminal must not kill CRIU halfway through a dump. No
+            # deadline here: each conversation has its own budget.
+            self.process = proc.spawn(
+                [binary, "swrk", str(theirs.fileno())],
+                timeout=None,
+                what="criu swrk",
+                error=CriuUnavailable,
+                stdout="stderr",
                 pass_fds=(theirs.fileno(), *pass_fds),
-                stdin=subprocess.DEVNULL,
-                stdout=self.stderr,
-                stderr=self.stderr,
-                # Out of our session: a ^C on our terminal must not kill CRIU halfway through a dump.
-                start_new_session=True,
+                new_session=True,
             )
-        except OSError:
-            self.close_files()
+        except BaseException:
+            self.sock.close()
             raise
         finally:
             theirs.close()
 
     def send(self, message: Any) -> None:
+        self.sock.settimeout(SEND_TIMEOUT)
         self.sock.send(message.SerializeToString())
 
     def receive(self, timeout: float) -> tuple[Any, list[int]] | None:
@@ -157,30 +160,30 @@ class _Swrk:
         return resp, fds
 
     def stderr_tail(self) -> str:
-        self.stderr.seek(0)
-        return proc.tail(self.stderr.read().decode(errors="replace"))
+        return self.process.stderr_tail()
 
     def exit_status(self, timeout: float) -> int | None:
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.process.wait(timeout)
 
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+    def kill(self) -> bool:
+        """SIGKILL the swrk and reap it; False if it is still not dead after KILL_GRACE.
+
+        A CRIU blocked in the kernel dies only when that call returns (e.g. a ptrace attach to a task that is
+        both stopped and frozen waits until the freezer is thawed): the caller must not wait for that, as it
+        is the one who thaws. The subprocess module reaps such a straggler later."""
+        return self.process.kill(KILL_GRACE)
 
     def close_files(self) -> None:
+        """Close our end and CRIU's output file (after kill(): a straggler is not waited for again)."""
         self.sock.close()
-        self.stderr.close()
+        self.process.close(wait=0)
 
     def finish(self) -> None:
         """Close our end and reap the swrk (killing it if it does not exit on its own)."""
         self.sock.close()
         if self.exit_status(EXIT_GRACE) is None:
             self.kill()
-        self.stderr.close()
+        self.process.close(wait=0)
 
 
 # --- one conversation ---------------------------------------------------------------------------
@@ -199,6 +202,7 @@ class _Conversation:
         timeout: float,
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
+        abort_after: float | None = None,
     ) -> None:
         self.swrk = swrk
         self.error = error
@@ -209,6 +213,9 @@ class _Conversation:
         self.notify = notify
         self.on_fd = on_fd
         self.callback_failure: tuple[str, Exception] | None = None
+        self.abort_after = abort_after
+        self.abort_at = None if abort_after is None else time.monotonic() + abort_after
+        self.aborted_at: str | None = None  # the notification at which CRIU was told to abort
 
     def run(self, request: Any) -> Any:
         try:
@@ -222,17 +229,38 @@ class _Conversation:
             self._answer_notify(resp.notify.script, resp.notify.pid, fds)
 
     def _receive(self) -> tuple[Any, list[int]]:
+        while True:
+            abort_due = self._abort_due()
+            wait = self.budget if abort_due is not False else min(self.budget, self._until_abort())
+            try:
+                return self._receive_within(wait)
+            except TimeoutError:
+                if self.budget <= 0 or self._abort_due() is not True or abort_due:
+                    raise self._killed() from None
+                # past abort_after: CRIU is told to abort at its next notification, a clean stop (killing it
+                # while its parasite code runs inside a task would kill that task)
+
+    def _abort_due(self) -> bool | None:
+        """None without abort_after; else whether it has passed."""
+        return None if self.abort_at is None else time.monotonic() >= self.abort_at
+
+    def _until_abort(self) -> float:
+        return 0.0 if self.abort_at is None else max(self.abort_at - time.monotonic(), 0.0)
+
+    def _killed(self) -> VzError:
+        how = "CRIU killed" if self.swrk.kill() else f"CRIU pid {self.swrk.process.pid} killed, not dead yet"
+        return self.error(f"{self.what} timed out after {self.timeout:g}s ({how})", detail=_detail(self.log_path))
+
+    def _receive_within(self, wait: float) -> tuple[Any, list[int]]:
         started = time.monotonic()
         try:
-            received = self.swrk.receive(self.budget)
-        except TimeoutError:
-            self.swrk.kill()
-            raise self.error(
-                f"{self.what} timed out after {self.timeout:g}s (CRIU killed)", detail=_detail(self.log_path)
-            ) from None
+            received = self.swrk.receive(wait)
         except ConnectionResetError:
             # CRIU exited with our request still unread in its socket.
             raise self._died() from None
+        except TimeoutError:
+            self.budget -= time.monotonic() - started
+            raise
         except OSError as e:
             raise self.error(f"{self.what}: lost CRIU's RPC socket: {e}", detail=_detail(self.log_path)) from e
         self.budget -= time.monotonic() - started
@@ -249,6 +277,9 @@ class _Conversation:
         except Exception as e:
             # CRIU aborts the operation when told the "script" failed; its final answer follows.
             self.callback_failure = (script, e)
+            success = False
+        if success and self._abort_due() and self.aborted_at is None:
+            self.aborted_at = script
             success = False
         answer = load_rpc().criu_req(type=load_rpc().NOTIFY, notify_success=success)
         try:
@@ -269,6 +300,12 @@ class _Conversation:
                 raise
 
     def _final(self, request: Any, resp: Any) -> Any:
+        if self.aborted_at is not None:
+            outcome = "CRIU finished anyway" if resp.success else "CRIU stopped cleanly"
+            raise self.error(
+                f"{self.what} ran past its {self.abort_after:g}s and was aborted at {self.aborted_at} ({outcome})",
+                detail=_detail(self.log_path),
+            )
         if self.callback_failure is not None:
             script, cause = self.callback_failure
             outcome = "CRIU finished anyway" if resp.success else "CRIU aborted"
@@ -280,7 +317,8 @@ class _Conversation:
         return resp
 
     def _reason(self, resp: Any) -> str:
-        reason = first_error(read_log(self.log_path)) or resp.cr_errmsg
+        log = read_log(self.log_path)
+        reason = diagnose.explain(log) or first_error(log) or resp.cr_errmsg
         if not reason and resp.cr_errno:
             reason = os.strerror(resp.cr_errno)
         if resp.type == load_rpc().EMPTY:
@@ -383,15 +421,30 @@ class Criu:
         self.binary = binary.path if isinstance(binary, CriuBinary) else Path(binary)
         self.timeout = timeout
 
-    def dump(self, opts: CriuOptions, *, notify: NotifyCallback | None = None) -> None:
-        """Checkpoint the tree rooted at opts.pid into opts.images_dir (ChkpntError on failure)."""
+    def dump(
+        self, opts: CriuOptions, *, notify: NotifyCallback | None = None, abort_after: float | None = None
+    ) -> None:
+        """Checkpoint the tree rooted at opts.pid into opts.images_dir (ChkpntError on failure).
+
+        abort_after: seconds after which CRIU is told to abort at its next notification (network-lock,
+        post-dump, ...): it then releases the tree intact and fails. Killing it instead (the `timeout`, for a
+        CRIU that hangs) kills any task its parasite code is running in at that moment."""
         what = f"criu dump of pid {opts.pid}"
-        self.call(Action.DUMP, _with_notify(opts, notify is not None), error=ChkpntError, what=what, notify=notify)
+        self.call(
+            CriuAction.DUMP,
+            _with_notify(opts, notify is not None or abort_after is not None),
+            error=ChkpntError,
+            what=what,
+            notify=notify,
+            abort_after=abort_after,
+        )
 
     def pre_dump(self, opts: CriuOptions, *, notify: NotifyCallback | None = None) -> None:
         """Copy the tree's memory while it keeps running (needs mem_dirty_track)."""
         what = f"criu pre-dump of pid {opts.pid}"
-        self.call(Action.PRE_DUMP, _with_notify(opts, notify is not None), error=ChkpntError, what=what, notify=notify)
+        self.call(
+            CriuAction.PRE_DUMP, _with_notify(opts, notify is not None), error=ChkpntError, what=what, notify=notify
+        )
 
     def restore(
         self,
@@ -411,7 +464,7 @@ class Criu:
         # CRIU sends fds only to an RPC client that asked for notifications.
         wants_notify = notify is not None or on_pty_master is not None
         resp = self.call(
-            Action.RESTORE,
+            CriuAction.RESTORE,
             _with_notify(opts, wants_notify),
             error=RestoreError,
             what=f"criu restore from {opts.images_dir}",
@@ -424,13 +477,13 @@ class Criu:
         """Start a page server writing into opts.images_dir, listening on opts.page_server."""
         what = f"criu page-server on {opts.page_server}"
         try:
-            with open_dirs(Action.PAGE_SERVER, opts) as dirs:
-                request = build_request(Action.PAGE_SERVER, opts, dirs)
+            with open_dirs(CriuAction.PAGE_SERVER, opts) as dirs:
+                request = build_request(CriuAction.PAGE_SERVER, opts, dirs)
                 # keep_open: the swrk stays to wait for its page-server child and report how it ended.
                 request.keep_open = True
                 swrk = self._start(opts)
                 try:
-                    resp = self._converse(swrk, Action.PAGE_SERVER, opts, request, error=ChkpntError, what=what)
+                    resp = self._converse(swrk, CriuAction.PAGE_SERVER, opts, request, error=ChkpntError, what=what)
                 except BaseException:
                     swrk.kill()
                     swrk.close_files()
@@ -441,7 +494,7 @@ class Criu:
 
     def check(self) -> None:
         """CRIU's own kernel check (CriuUnavailable on failure)."""
-        self.call(Action.CHECK, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} check")
+        self.call(CriuAction.CHECK, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} check")
 
     def check_feature(self, name: str) -> bool:
         """`criu check --feature NAME` (any feature of `criu --help`; ValueError for an unknown name)."""
@@ -453,24 +506,25 @@ class Criu:
     def feature_check(self) -> dict[str, bool]:
         """The RPC feature check: mem_track, lazy_pages, pidfd_store (as CRIU's kerndat sees them)."""
         resp = self.call(
-            Action.FEATURE_CHECK, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} feature check"
+            CriuAction.FEATURE_CHECK, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} feature check"
         )
         return {name: bool(getattr(resp.features, name)) for name in CriuOptions().features}
 
     def version(self) -> CriuVersion:
-        resp = self.call(Action.VERSION, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} version")
+        resp = self.call(CriuAction.VERSION, CriuOptions(), error=CriuUnavailable, what=f"{self.binary} version")
         v = resp.version
         return CriuVersion(v.major_number, v.minor_number, v.sublevel if v.HasField("sublevel") else 0)
 
     def call(
         self,
-        action: Action,
+        action: CriuAction,
         opts: CriuOptions,
         *,
         error: type[VzError],
         what: str | None = None,
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
+        abort_after: float | None = None,
     ) -> Any:
         """Run one request in its own swrk; the final criu_resp. Failures raise `error`."""
         what = what or f"criu {action}"
@@ -480,7 +534,15 @@ class Criu:
                 swrk = self._start(opts)
                 try:
                     return self._converse(
-                        swrk, action, opts, request, error=error, what=what, notify=notify, on_fd=on_fd
+                        swrk,
+                        action,
+                        opts,
+                        request,
+                        error=error,
+                        what=what,
+                        notify=notify,
+                        on_fd=on_fd,
+                        abort_after=abort_after,
                     )
                 finally:
                     swrk.finish()
@@ -497,7 +559,7 @@ class Criu:
     def _converse(
         self,
         swrk: _Swrk,
-        action: Action,
+        action: CriuAction,
         opts: CriuOptions,
         request: Any,
         *,
@@ -505,6 +567,7 @@ class Criu:
         what: str,
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
+        abort_after: float | None = None,
     ) -> Any:
         conversation = _Conversation(
             swrk,
@@ -514,6 +577,7 @@ class Criu:
             timeout=self.timeout,
             notify=notify,
             on_fd=on_fd,
+            abort_after=abort_after,
         )
         return conversation.run(request)
 

@@ -1,13 +1,14 @@
-"""What the migration agent does with a migrating CT's state on the destination: restore it frozen,
-then resume it (committing it here first), or start it (offline migration).
+"""What the agent does with a migrating CT's state on the destination: take its images, restore it
+frozen, then commit it here and resume it (online) or start it (offline); and, for `--recover`, settle a
+migration whose agent died.
 
-Registered as the agent's `restore`, `resume` and `start` ops. They call the checkpoint and lifecycle
-library functions directly: the agent already holds the CT's lock.
+They call the checkpoint and lifecycle library functions directly: the agent already holds the CT's lock.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -17,38 +18,33 @@ from vzpy import checkpoint, fsstate, lifecycle
 from vzpy.config import ConfFile
 from vzpy.container import Container
 from vzpy.errors import VzError
-from vzpy.migrate import CopyFailed, ProtocolError, RestoreFailed
-from vzpy.migrate.agent import Agent, Incoming, register_op
+from vzpy.migrate import ProtocolError, RestoreFailed
+from vzpy.migrate.args import Args, bool_arg, ctid_arg, number_arg, optional_number_arg
+from vzpy.migrate.session import AgentSession, Incoming
 from vzpy.runtime import network
 from vzpy.stage import Stage
 
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # CRIU's image file names: flat, no "..", no "/"
+RECOVER_LOCK_WAIT = 60.0  # an agent whose source vanished may still be finishing a request
+FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
 
 
-def _container(agent: Agent, incoming: Incoming) -> Container:
+def container(session: AgentSession, incoming: Incoming) -> Container:
     """The incoming CT, seen through its staged config (CTID.conf.migrating) until commit."""
-    ct = Container(incoming.ctid, agent.gconf)
-    ct.conf = ConfFile.load(incoming.staged_conf)  # overrides the cached property: CTID.conf is not there yet
+    ct = Container(incoming.ctid, session.gconf)
+    conf = Path(incoming.conf) if Path(incoming.conf).exists() else incoming.staged_conf
+    ct.conf = ConfFile.load(conf)  # overrides the cached property: CTID.conf is not there yet
     return ct
 
 
-def _restore(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
-    """Restore the CT from the images the source sent, frozen and network locked."""
-    incoming = agent.incoming_ct(args)
-    ct = _container(agent, incoming)
-    if args.get("fs_fingerprint") is not None:
-        recorded = fsstate.Fingerprint.from_json(args["fs_fingerprint"])
-        fsstate.verify(recorded, ct.private, ct.ctid, exclude=checkpoint.FS_EXCLUDE)
-    if ct.stage() is Stage.UNDUMPED:  # a retried request: it is already there
-        return {"init_pid": ct.load_state().init_pid}
-    agent.on_rollback(ct.ctid, "kill the restored CT", lambda: lifecycle.kill(ct))
-    init_pid = checkpoint.restore_images(ct, incoming.images)
-    return {"init_pid": init_pid}
+def kill_restored(session: AgentSession, incoming: Incoming) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        lifecycle.kill(container(session, incoming))
 
 
-def _put_images(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
+def put_images(session: AgentSession, args: Args) -> dict[str, Any]:
     """The dump's non-page images, sent inline (small: a round trip beats an rsync while the CT is frozen)."""
-    incoming = agent.incoming_ct(args)
+    incoming = session.incoming_ct(args)
     files = args.get("files")
     if not isinstance(files, dict):
         raise ProtocolError("migration protocol error: files must be an object of name -> base64")
@@ -61,50 +57,104 @@ def _put_images(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
     return {"written": len(files)}
 
 
-def _resume(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
+def restore(session: AgentSession, args: Args) -> dict[str, Any]:
+    """Restore the CT from the images the source sent, frozen and network locked."""
+    incoming = session.incoming_ct(args)
+    ct = container(session, incoming)
+    if args.get("fs_fingerprint") is not None:
+        recorded = fsstate.Fingerprint.from_json(args["fs_fingerprint"])
+        fsstate.verify(recorded, ct.private, ct.ctid, exclude=checkpoint.FS_EXCLUDE)
+    if ct.stage() is Stage.UNDUMPED:  # a retried request: it is already there
+        return {"init_pid": ct.load_state().init_pid}
+    incoming.restored = True
+    incoming.save()  # a dead agent's successor must know to kill what this restore makes
+    session.on_rollback(ct.ctid, "kill the restored CT", lambda: lifecycle.kill(ct))
+    init_pid = checkpoint.restore_images(ct, incoming.images, timeout=optional_number_arg(args, "deadline"))
+    return {"init_pid": init_pid}
+
+
+def resume(session: AgentSession, args: Args) -> dict[str, Any]:
     """Commit the CT here, then let it run: from here on the source must never resume it.
 
-    Committed first so that a connection lost after the CT runs cannot roll it back: the agent only
-    rolls back what is not committed."""
-    incoming = agent.incoming_ct(args)
-    ct = _container(agent, incoming)
-    committed = _commit(agent, args)
+    Committed first so that a connection lost after the CT runs cannot roll it back (the agent rolls back
+    only what is not committed). If it cannot be woken it is killed and uncommitted: the reply says so."""
+    incoming = session.incoming_ct(args)
+    ct = container(session, incoming)
+    session.commit(incoming)
     try:
         frozen = checkpoint.wake(ct)
     except BaseException as e:
-        _uncommit(ct)
-        raise RestoreFailed(f"CT {ct.ctid} restored on {agent.hostname} but could not be resumed: {e}") from e
-    announced = [name for ip in ct.ips for name in network.announce(ip)]
-    return {**committed, "frozen": frozen, "announced": announced}
+        _uncommit(session, incoming, ct)
+        raise RestoreFailed(f"CT {ct.ctid} restored on {session.hostname} but could not be resumed: {e}") from e
+    announced = announce(ct)
+    return {"conf": incoming.conf, "frozen": frozen, "announced": announced, "leftovers": session.finish(incoming)}
 
 
-def _start(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
+def start(session: AgentSession, args: Args) -> dict[str, Any]:
     """Offline migration: commit the CT here and start it (if it ran on the source)."""
-    incoming = agent.incoming_ct(args)
-    committed = _commit(agent, args)
-    if args.get("start", True):
-        ct = Container(incoming.ctid, agent.gconf)
+    incoming = session.incoming_ct(args)
+    session.commit(incoming)
+    if bool_arg(args, "start", True):
+        ct = Container(incoming.ctid, session.gconf)
         try:
             lifecycle.start(ct)
-        except VzError:
-            _uncommit(ct)
+        except BaseException:
+            _uncommit(session, incoming, ct)
             raise
-    return committed
+    return {"conf": incoming.conf, "leftovers": session.finish(incoming)}
 
 
-def _commit(agent: Agent, args: dict[str, Any]) -> dict[str, Any]:
-    from vzpy.migrate.agent import OPS
-
-    return OPS["commit"].handler(agent, args)
-
-
-def _uncommit(ct: Container) -> None:
-    """Undo a commit whose CT never ran here: the source still has it."""
-    lifecycle.kill(ct)
-    Path(ct.conf_path).unlink(missing_ok=True)
+def _uncommit(session: AgentSession, incoming: Incoming, ct: Container) -> None:
+    """The CT never ran here: kill what is there and go back to prepared (the source still has it)."""
+    with contextlib.suppress(VzError, OSError):
+        lifecycle.kill(ct)
+    session.uncommit(incoming)
 
 
-register_op("put_images", _put_images, CopyFailed)
-register_op("restore", _restore, RestoreFailed)
-register_op("resume", _resume, RestoreFailed)
-register_op("start", _start, RestoreFailed)
+def announce(ct: Container) -> list[str]:
+    """Gratuitous ARP for the CT's addresses where they are routed (best effort: the CT runs already)."""
+    try:
+        return sorted({name for ip in ct.ips for name in network.announce(ip, exclude=(ct.veth,))})
+    except (VzError, OSError):
+        return []
+
+
+# --- recovery of a migration whose source (and maybe agent) died
+
+
+def recover_state(session: AgentSession, args: Args) -> dict[str, Any]:
+    """Where a migration of the CT to this host stands, once no other agent works on it (its lock is
+    taken and kept for recover_commit or cleanup): committed (CTID.conf is here), prepared or kept (a
+    record, no CTID.conf) or none."""
+    ctid = ctid_arg(args)
+    session.lock(ctid, wait=number_arg(args, "wait", RECOVER_LOCK_WAIT))
+    conf = session.gconf.ct_conf_path(ctid)
+    record = Incoming.load(session.workdir(ctid))
+    if conf.exists():
+        ct = Container(ctid, session.gconf)
+        return {"state": "committed", "stage": ct.stage().value, "record": record is not None}
+    return {"state": record.state if record is not None else "none", "stage": None, "record": record is not None}
+
+
+def recover_commit(session: AgentSession, args: Args) -> dict[str, Any]:
+    """Finish a committed migration whose agent died before the CT ran: wake it (online) and remove the
+    work dir. The CT's lock was taken by recover_state."""
+    ctid = ctid_arg(args)
+    session.lock(ctid, wait=number_arg(args, "wait", RECOVER_LOCK_WAIT))
+    ct = Container(ctid, session.gconf)
+    if not ct.exists():
+        raise RestoreFailed(f"CT {ctid} was not committed on {session.hostname}: nothing to finish")
+    woken = ct.stage() in FROZEN_STAGES
+    if woken:
+        checkpoint.wake(ct)
+    elif ct.stage() is Stage.STOPPED and bool_arg(args, "start", False):
+        lifecycle.start(ct)
+    record = Incoming.load(session.workdir(ctid))
+    leftovers = session.finish(record) if record is not None else []
+    session.unlock(ctid)
+    return {"woken": woken, "stage": ct.stage().value, "leftovers": leftovers}
+
+
+def recover_cleanup(session: AgentSession, incoming: Incoming, keep_dst: bool) -> list[str]:
+    """Roll back a dead agent's uncommitted migration, killing a CT it restored."""
+    return session.rollback(incoming, keep_dst, kill_restored=lambda: kill_restored(session, incoming))

@@ -1,15 +1,24 @@
 """`vzpy migrate`: the source side, as ordered steps each with `run` and `rollback`.
 
-Until the destination runs the CT, any failure rolls back the steps done, last first: the CT keeps
-running here and the destination is cleaned (unless --keep-dst). The step that resumes the CT on the
-destination is the point of no return: once it succeeds the source copy is never resumed, and
-Migration.resume_source refuses to (P.Haul's rule, enforced here rather than remembered).
+Until the destination is asked to commit the CT (resume or start there), any failure rolls back the
+steps done, last first: the CT keeps running here and the destination is cleaned (unless --keep-dst).
+
+The commit is two-phase. Before the request that commits the CT there is sent, the migration enters
+the point of no return: LOCKDIR/CTID.migration.json (vzpy.migrate.marker) is written, and from then on
+the source copy is never resumed unless the destination answers that it did not commit. An ambiguous
+outcome (connection lost, no reply in time) ends with OutcomeInDoubt: the source copy stays suspended
+(or stopped) and `vzpy migrate --recover HOST CTID` finishes or undoes the migration, whichever the
+destination's state says. After a commit, a failure to clean up the source is a warning.
+
+While the CT is frozen every step gets what is left of --max-frozen as its deadline; when it runs out
+the migration is rolled back and the CT resumed here (FrozenTooLong).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import re
 import shutil
 import tempfile
 import time
@@ -22,24 +31,55 @@ from typing import Any
 from vzpy import checkpoint, lifecycle
 from vzpy.container import Container
 from vzpy.errors import VzError
-from vzpy.migrate import CheckpointFailed, CtStopped, MigrateError
-from vzpy.migrate.agent import RemoteAgent, agent_argv, connect_agent
-from vzpy.migrate.preflight import SourceFacts, check, disk_usage, raise_blocking, read_cpu_flags
-from vzpy.migrate.rsync import Progress as RsyncProgress
-from vzpy.migrate.rsync import sync_tree
+from vzpy.lifecycle import refuse_mounts_in_areas
+from vzpy.migrate import (
+    CheckpointFailed,
+    ConnectionBroken,
+    ConnectionTimeout,
+    CtStopped,
+    MigrateError,
+    MigrateUsage,
+    MigrationLocked,
+    ProtocolError,
+    fault,
+    marker,
+)
+from vzpy.migrate.preflight import SourceFacts, check, disk_usage, dump_blockers, raise_blocking, read_cpu_flags
+from vzpy.migrate.remote import RemoteAgent, agent_argv, connect_agent
+from vzpy.migrate.rsync import Transfer, sync_tree
 from vzpy.migrate.ssh import OpenSsh, SshSession, Target
 from vzpy.migrate.tunnel import OpenSshTunnel
-from vzpy.stage import Stage
+from vzpy.stage import Progress, Stage
+from vzpy.units import human_size
 
-Progress = Callable[[str], None]
-PAGE_SERVER_WAIT = 600.0
+DEFAULT_MAX_FROZEN = 30.0
+RESUME_MIN_TIMEOUT = 15.0  # the commit's reply is worth waiting for: a timeout there leaves the outcome in doubt
+OFFLINE_START_TIMEOUT = 300.0
+LIVE_SYNC_TIMEOUT = 24 * 3600.0  # rsync's own --timeout catches a stalled link long before
+QUERY_TIMEOUT = 30.0
+RECOVER_LOCK_WAIT = 60.0
 INLINE_IMAGES_MAX = 2 << 20  # base64 of this stays well under the protocol's 4 MiB line
+SCRATCH_PREFIX = ".vzpy-migrate-"
+AMBIGUOUS = (ConnectionBroken, ConnectionTimeout, ProtocolError)
+FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
 
 
 class SourceResumeRefused(MigrateError):
     """A programming error: something tried to resume the source after the point of no return."""
 
     exit_code = 7
+
+
+class OutcomeInDoubt(MigrateError):
+    """The commit request was sent and its outcome is unknown: neither copy is touched any more."""
+
+    exit_code = ConnectionBroken.exit_code
+
+
+class FrozenTooLong(MigrateError):
+    """The CT would stay frozen longer than --max-frozen: the migration is rolled back."""
+
+    exit_code = ConnectionTimeout.exit_code
 
 
 @dataclass
@@ -55,14 +95,17 @@ class MigrateOptions:
     remote_vzpy: str = "vzpy"
     nodeps: frozenset[str] = frozenset()
     verbose: bool = False  # rsync's progress while files are copied
+    max_frozen: float = DEFAULT_MAX_FROZEN
 
 
 @dataclass
 class Step:
+    id: str  # for fault injection (vzpy.migrate.fault)
     name: str
     run: Callable[[], None]
     rollback: Callable[[], None] | None = None
-    point_of_no_return: bool = False
+    frozen: bool = False  # runs while the CT is frozen: bounded by --max-frozen
+    undo_if_failed: bool = False  # its rollback also runs when it failed half-way (a restore there)
 
 
 @dataclass
@@ -74,6 +117,8 @@ class Summary:
     frozen_seconds: float | None = None
     bytes_moved: int = 0
     problems_skipped: list[str] = field(default_factory=list)
+    announced: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,7 +129,70 @@ class Summary:
             "frozen_seconds": None if self.frozen_seconds is None else round(self.frozen_seconds, 3),
             "bytes_moved": self.bytes_moved,
             "preflight_skipped": self.problems_skipped,
+            "announced": self.announced,
+            "warnings": self.warnings,
         }
+
+
+class FrozenBudget:
+    """What is left of --max-frozen since the CT was frozen."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.since: float | None = None
+
+    def start(self) -> None:
+        self.since = time.monotonic()
+
+    def elapsed(self) -> float:
+        return 0.0 if self.since is None else time.monotonic() - self.since
+
+    def stop(self) -> float:
+        frozen, self.since = self.elapsed(), None
+        return frozen
+
+    @property
+    def expired(self) -> bool:
+        return self.since is not None and self.elapsed() >= self.limit
+
+    def left(self, what: str, ctid: str) -> float | None:
+        """Seconds left for `what` (None when the CT is not frozen); FrozenTooLong when none are."""
+        if self.since is None:
+            return None
+        left = self.limit - self.elapsed()
+        if left <= 0:
+            raise FrozenTooLong(self.message(what, ctid, "was not reached"))
+        return left
+
+    def message(self, what: str, ctid: str, how: str) -> str:
+        return (
+            f"migration aborted: CT {ctid} was frozen for {self.elapsed():.1f}s and {what} {how} within "
+            f"--max-frozen {self.limit:g}s; it is resumed here (raise --max-frozen for a bigger CT)"
+        )
+
+
+@dataclass
+class Link:
+    """The connection to the destination: the SSH session and the agent on it."""
+
+    session: SshSession
+    agent: RemoteAgent
+
+    def close(self) -> None:
+        try:
+            self.agent.close()
+        finally:
+            self.session.close()
+
+
+def connect(options: MigrateOptions) -> Link:
+    session = SshSession.connect(options.target, key=options.ssh_key, known_hosts=options.known_hosts)
+    try:
+        agent = connect_agent(session, agent_argv(options.remote_vzpy), fault=fault.agent_part(fault.from_env()))
+    except BaseException:
+        session.close()
+        raise
+    return Link(session, agent)
 
 
 class Migration:
@@ -92,53 +200,75 @@ class Migration:
         self.ct = ct
         self.opts = options
         self.progress = progress
-        self.session: SshSession | None = None
-        self.agent: RemoteAgent | None = None
+        self.link: Link | None = None
         self.dest: dict[str, Any] = {}
         self.work: Path | None = None
         self.control_path: Path | None = None
         self.tunnel: OpenSshTunnel | None = None
-        self.past_no_return = False
+        self.phase = "before"  # before | in doubt | committed
         self.was_running = ct.stage() is Stage.RUNNING
+        self.budget = FrozenBudget(options.max_frozen)
+        self.fault = fault.from_env()
         self.summary = Summary(ct.ctid, str(options.target), "offline")
-        self._frozen_at = 0.0
         self._last_progress = 0.0
+
+    @property
+    def past_no_return(self) -> bool:
+        return self.phase != "before"
 
     # --- the plan
 
     def steps(self) -> list[Step]:
         """The plan, in order. Online: everything that can be done before the freeze is done before it."""
-        checks = [Step("connect", self._connect), Step("preflight", self._preflight)]
+        checks = [Step("connect", "connect", self._connect), Step("preflight", "preflight", self._preflight)]
         if self.opts.check_only:
             return checks
-        prepare = Step("prepare destination", self._prepare, self._cleanup_destination)
-        cleanup = Step("clean up source", self._finish_source)
+        prepare = Step("prepare", "prepare destination", self._prepare, self._cleanup_destination)
+        cleanup = Step("finish", "clean up source", self._finish_source)
         if self.opts.online:
             return [
                 *checks,
                 prepare,
-                Step("page server and tunnel", self._open_tunnel, self._close_tunnel),
-                Step("sync files", self._sync_files),
-                Step("suspend", self._suspend, self.resume_source),
-                Step("final sync (frozen)", self._sync_files),
-                Step("dump (pages streamed to the destination)", self._dump),
-                Step("copy images", self._copy_images),
-                Step("restore on destination", self._restore_remote),
-                Step("resume on destination", self._resume_remote, point_of_no_return=True),
+                Step("tunnel", "page server and tunnel", self._open_tunnel, self._close_tunnel),
+                Step("sync", "sync files", self._sync_files),
+                Step("suspend", "suspend", self._suspend, self.resume_source),
+                Step("dump", "dump (pages streamed to the destination)", self._dump, frozen=True),
+                # after the dump: the link-remap files it put in the tree (see vzpy.linkremap) go along
+                Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
+                Step("copy-images", "copy images", self._copy_images, frozen=True),
+                Step(
+                    "restore",
+                    "restore on destination",
+                    self._restore_remote,
+                    self._cleanup_destination,
+                    frozen=True,
+                    undo_if_failed=True,
+                ),
+                Step("resume", "resume on destination", self._resume_remote, frozen=True),
                 cleanup,
             ]
         start = "start on destination" if self.was_running else "register on destination"
         return [
             *checks,
             prepare,
-            Step("sync files", self._sync_files),
-            *([Step("stop", self._stop_source, self._start_source)] if self.was_running else []),
-            Step("final sync", self._sync_files),
-            Step(start, self._start_remote, point_of_no_return=True),
+            Step("sync", "sync files", self._sync_files),
+            *(
+                [Step("stop", "stop", self._stop_source, self._start_source, undo_if_failed=True)]
+                if self.was_running
+                else []
+            ),
+            Step("final-sync", "final sync", self._sync_files),
+            Step("start", start, self._start_remote),
             cleanup,
         ]
 
     def run(self) -> Summary:
+        pending = marker.read(self.ct.gconf, self.ct.ctid)
+        if pending is not None:
+            raise MigrationLocked(
+                f"CT {self.ct.ctid} has a migration to {pending.host} whose outcome is unknown: "
+                f"run `{pending.recover_command}` first"
+            )
         if self.opts.online and not self.was_running:
             raise CtStopped(
                 f"CT {self.ct.ctid} is not running: an online migration needs a running CT "
@@ -146,14 +276,19 @@ class Migration:
             )
         if self.opts.online:
             self.summary.path = "stop-and-copy (page-server streaming)"
+        remove_stale_scratch(self.ct)
         done: list[Step] = []
         try:
             for step in self.steps():
+                if step.undo_if_failed:
+                    done.append(step)
                 self._run_step(step)
-                done.append(step)
-                self.past_no_return = self.past_no_return or step.point_of_no_return
-        except BaseException:
-            if not self.past_no_return:
+                if not step.undo_if_failed:
+                    done.append(step)
+        except BaseException as e:
+            if self.phase == "in doubt":
+                raise self._in_doubt(e) from e
+            if self.phase == "before":
                 self._roll_back(done)
             raise
         finally:
@@ -161,12 +296,20 @@ class Migration:
         return self.summary
 
     def _run_step(self, step: Step) -> None:
+        fault.hit(self.fault, "source", "before", step.id)
         self.progress(f"{step.name} ...")
         started = time.monotonic()
-        step.run()
+        fault.hit(self.fault, "source", "fail", step.id)
+        try:
+            step.run()
+        except VzError as e:
+            if step.frozen and self.budget.expired and self.phase == "before":
+                raise FrozenTooLong(self.budget.message(step.name, self.ct.ctid, "did not finish")) from e
+            raise
         seconds = time.monotonic() - started
         self.summary.phases.append((step.name, seconds))
         self.progress(f"{step.name}: done in {seconds:.2f}s")
+        fault.hit(self.fault, "source", "after", step.id)
 
     def _roll_back(self, done: list[Step]) -> None:
         for step in reversed(done):
@@ -178,11 +321,13 @@ class Migration:
             except (VzError, OSError) as e:
                 self.progress(f"rolling back {step.name} failed: {e}")
 
+    def _frozen_left(self, what: str) -> float | None:
+        return self.budget.left(what, self.ct.ctid)
+
     # --- connect and check
 
     def _connect(self) -> None:
-        self.session = SshSession.connect(self.opts.target, key=self.opts.ssh_key, known_hosts=self.opts.known_hosts)
-        self.agent = connect_agent(self.session, agent_argv(self.opts.remote_vzpy))
+        self.link = connect(self.opts)
 
     def _preflight(self) -> None:
         ct, agent = self.ct, self._agent()
@@ -193,6 +338,7 @@ class Migration:
             cpu_flags=read_cpu_flags(),
             ips=tuple(ct.ips),
             online=self.opts.online,
+            dump_blockers=tuple(dump_blockers(ct)) if self.opts.online else (),
         )
         problems = check(
             agent.hello, agent.ct_exists(ct.ctid, ct.ips), facts, skip=self.opts.nodeps, host=self.opts.target.host
@@ -209,50 +355,63 @@ class Migration:
         )
 
     def _cleanup_destination(self) -> None:
-        self._agent().cleanup(self.ct.ctid, keep_dst=self.opts.keep_dst)
+        """Undo everything on the destination; over a fresh connection if this one broke (the agent of the
+        broken one rolls back on its own, this waits for it)."""
+        agent = self._agent()
+        if agent.usable:
+            agent.cleanup(self.ct.ctid, keep_dst=self.opts.keep_dst)
+            return
+        link = connect(self.opts)
+        try:
+            link.agent.cleanup(self.ct.ctid, keep_dst=self.opts.keep_dst, wait=RECOVER_LOCK_WAIT)
+        finally:
+            link.close()
 
     def _openssh(self) -> OpenSsh:
         """OpenSSH options for rsync and the tunnel. Online, they share one connection (the tunnel's ssh
         is the ControlMaster): nothing opens a new SSH connection while the CT is frozen."""
         if self.control_path is None:
-            return self._session().openssh()
+            return self._link().session.openssh()
         sharing = (("ControlMaster", "auto"), ("ControlPath", str(self.control_path)), ("ControlPersist", "no"))
-        return self._session().openssh(extra_options=sharing)
+        return self._link().session.openssh(extra_options=sharing)
 
     def _sync_files(self) -> None:
+        frozen_left = self._frozen_left("the final sync")
         result = sync_tree(
             self.ct.private,
             self.dest["private"],
             self._openssh(),
             rsync_opts=self.opts.rsync_opts,
-            allow_vanished=not self._frozen_at,
+            allow_vanished=frozen_left is None,
             on_progress=self._rsync_progress if self.opts.verbose else None,
+            timeout=frozen_left or LIVE_SYNC_TIMEOUT,
         )
         self.summary.bytes_moved += result.bytes
 
-    def _rsync_progress(self, update: RsyncProgress) -> None:
+    def _rsync_progress(self, update: Transfer) -> None:
         now = time.monotonic()
         if update.percent == 100 or now - self._last_progress >= 1.0:
             self._last_progress = now
-            self.progress(f"  {update.bytes >> 20} MiB copied ({update.percent}%, {update.rate}, eta {update.eta})")
+            self.progress(f"  {human_size(update.bytes)} copied ({update.percent}%, {update.rate}, eta {update.eta})")
 
     # --- online: freeze, dump, restore there
 
     def _suspend(self) -> None:
+        self.budget.start()
         checkpoint.suspend(self.ct, self.progress)
-        self._frozen_at = time.monotonic()
 
     def resume_source(self) -> None:
         if self.past_no_return:
             raise SourceResumeRefused(
-                f"CT {self.ct.ctid} runs on {self.opts.target.host}: the source copy is never resumed"
+                f"CT {self.ct.ctid} may run on {self.opts.target.host}: the source copy is never resumed"
             )
         if self.ct.stage() is not Stage.STOPPED:
             checkpoint.wake(self.ct)
+        self.budget.stop()
 
     def _open_tunnel(self) -> None:
         """Before the freeze: a page server on the destination, and an SSH tunnel to it from here."""
-        self.work = Path(tempfile.mkdtemp(prefix=f".vzpy-migrate-{self.ct.ctid}-", dir=self._dumpdir()))
+        self.work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.ct.ctid}-", dir=self._dumpdir()))
         self.control_path = self.work / "ssh.sock"
         port = self._agent().page_server_start(self.ct.ctid)
         self.tunnel = OpenSshTunnel(self._openssh(), port).start()
@@ -262,8 +421,9 @@ class Migration:
             self.tunnel.close()
             self.tunnel = None
         self.control_path = None
-        with contextlib.suppress(VzError):
-            self._agent().page_server_stop(self.ct.ctid)
+        if self.link is not None and self.link.agent.usable and self.phase == "before":
+            with contextlib.suppress(VzError):
+                self.link.agent.page_server_stop(self.ct.ctid, timeout=QUERY_TIMEOUT)
         self._remove_work()
 
     def _dump(self) -> None:
@@ -272,11 +432,17 @@ class Migration:
         images = self._work() / "images"
         images.mkdir(mode=0o700, exist_ok=True)
         try:
-            checkpoint.dump_images(self.ct, images, page_server=("127.0.0.1", self.tunnel.local_port))
+            checkpoint.dump_images(
+                self.ct,
+                images,
+                page_server=("127.0.0.1", self.tunnel.local_port),
+                timeout=self._frozen_left("the dump"),
+            )
         except VzError as e:
-            agent.page_server_stop(ctid)
+            with contextlib.suppress(VzError):
+                agent.page_server_stop(ctid, timeout=QUERY_TIMEOUT)
             raise CheckpointFailed(f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail) from e
-        self.summary.bytes_moved += agent.page_server_wait(ctid, timeout=PAGE_SERVER_WAIT)
+        self.summary.bytes_moved += agent.page_server_wait(ctid, timeout=self._frozen_left("the page server") or 600)
 
     def _copy_images(self) -> None:
         """The images CRIU wrote here (all but the pages, which went to the page server): small ones inline
@@ -284,57 +450,112 @@ class Migration:
         images = self._work() / "images"
         files = sorted(p for p in images.iterdir() if p.is_file())
         size = sum(p.stat().st_size for p in files)
+        timeout = self._frozen_left("the copy of the images")
         if size <= INLINE_IMAGES_MAX:
             encoded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in files}
-            self._agent().client.call("put_images", ctid=self.ct.ctid, files=encoded)
+            self._agent().put_images(self.ct.ctid, encoded, timeout=timeout)
             self.summary.bytes_moved += size
             return
         # not a mirror: the page server's pagemap/pages images are already there
         result = sync_tree(
-            images, self.dest["images_dir"], self._openssh(), rsync_opts=self.opts.rsync_opts, delete=False
+            images,
+            self.dest["images_dir"],
+            self._openssh(),
+            rsync_opts=self.opts.rsync_opts,
+            delete=False,
+            timeout=timeout,
         )
         self.summary.bytes_moved += result.bytes
 
     def _restore_remote(self) -> None:
         fingerprint = checkpoint.fs_fingerprint(self.ct)
-        self._agent().client.call("restore", ctid=self.ct.ctid, fs_fingerprint=fingerprint, timeout=600.0)
+        self._agent().restore(self.ct.ctid, fingerprint, timeout=self._frozen_left("the restore") or 600)
 
     def _resume_remote(self) -> None:
-        reply = self._agent().client.call("resume", ctid=self.ct.ctid, timeout=120.0)
-        self.summary.frozen_seconds = time.monotonic() - self._frozen_at
+        timeout = max(self._frozen_left("the resume on the destination") or 0.0, RESUME_MIN_TIMEOUT)
+        reply = self._commit(lambda: self._agent().resume(self.ct.ctid, timeout=timeout))
+        self.summary.frozen_seconds = self.budget.stop()
+        self.summary.announced = list(reply.get("announced", []))
         self.progress(
             f"CT {self.ct.ctid} runs on {self.opts.target.host}; it was frozen for "
-            f"{self.summary.frozen_seconds:.2f}s (announced on {', '.join(reply.get('announced', [])) or '-'})"
+            f"{self.summary.frozen_seconds:.2f}s (announced on {', '.join(self.summary.announced) or '-'})"
         )
+
+    # --- the commit
+
+    def _commit(self, request: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Send the request that commits the CT on the destination, past the point of no return: the
+        marker is written first, and only an answer saying the CT is not there brings us back."""
+        self._write_marker()
+        self.phase = "in doubt"
+        try:
+            reply = request()
+        except VzError as e:
+            if not isinstance(e, AMBIGUOUS) and self._destination_has_no_ct():
+                self.phase = "before"
+                marker.remove(self.ct.gconf, self.ct.ctid)
+            raise
+        self.phase = "committed"
+        return reply
+
+    def _write_marker(self) -> None:
+        mark = marker.Marker(str(self.opts.target), self.ct.ctid, self.opts.online, self.was_running)
+        marker.write(self.ct.gconf, mark)
+
+    def _destination_has_no_ct(self) -> bool:
+        """After an error reply to the commit: whether the destination says for sure it has not the CT."""
+        agent = self._agent()
+        if not agent.usable:
+            return False
+        try:
+            return agent.ct_exists(self.ct.ctid, timeout=QUERY_TIMEOUT).get("exists") is False
+        except VzError:
+            return False
+
+    def _in_doubt(self, cause: BaseException) -> OutcomeInDoubt:
+        why = cause.message if isinstance(cause, VzError) else type(cause).__name__
+        kept = "suspended" if self.opts.online else "stopped"
+        error = OutcomeInDoubt(
+            f"CT {self.ct.ctid}: the outcome of the migration to {self.opts.target.host} is unknown ({why}); "
+            f"the copy here stays {kept}: run `vzpy migrate --recover {self.opts.target} {self.ct.ctid}` "
+            "to finish or undo it"
+        )
+        if isinstance(cause, VzError):
+            error.exit_code = cause.exit_code
+        return error
 
     # --- offline
 
     def _stop_source(self) -> None:
+        """Stopped here from now on until it runs there; the marker says that it ran, for --recover."""
+        self._write_marker()
         lifecycle.stop(self.ct, progress=self.progress)
 
     def _start_source(self) -> None:
         if self.past_no_return:
-            raise SourceResumeRefused(f"CT {self.ct.ctid} runs on {self.opts.target.host}: not starting it here")
-        lifecycle.start(self.ct, self.progress)
+            raise SourceResumeRefused(f"CT {self.ct.ctid} may run on {self.opts.target.host}: not starting it here")
+        marker.remove(self.ct.gconf, self.ct.ctid)
+        if self.ct.stage() is Stage.STOPPED:  # the stop may have failed before it stopped anything
+            lifecycle.start(self.ct, self.progress)
 
     def _start_remote(self) -> None:
-        self._agent().client.call("start", ctid=self.ct.ctid, start=self.was_running, timeout=120.0)
+        agent, ctid = self._agent(), self.ct.ctid
+        self._commit(lambda: agent.start(ctid, start=self.was_running, timeout=OFFLINE_START_TIMEOUT))
 
-    # --- after success
+    # --- after the commit
 
     def _finish_source(self) -> None:
-        """The CT lives on the destination now: stop the copy here, remove what is left of it."""
-        ct = self.ct
-        lifecycle.kill(ct)
-        self._close_tunnel()
-        conf, private = ct.conf_path, ct.private
-        if self.opts.remove_area:
-            shutil.rmtree(private, ignore_errors=True)
-        elif private.exists():
-            private.rename(private.with_name(private.name + ".migrated"))
-        conf.rename(conf.with_name(conf.name + ".migrated"))
-        with contextlib.suppress(OSError):
-            ct.root.rmdir()
+        """The CT lives on the destination now: stop the copy here, remove what is left of it. A failure
+        here is a warning: the migration itself succeeded."""
+        with contextlib.suppress(VzError, OSError):
+            self._close_tunnel()
+        for problem in finish_source(self.ct, self.opts.remove_area):
+            warning = (
+                f"warning: CT {self.ct.ctid} runs on {self.opts.target.host}, but cleaning up here failed: "
+                f"{problem}; run `vzpy migrate --recover {self.opts.target} {self.ct.ctid}` to finish"
+            )
+            self.summary.warnings.append(warning)
+            self.progress(warning)
 
     def _remove_work(self) -> None:
         if self.work is not None:
@@ -348,42 +569,115 @@ class Migration:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         return path
 
-    def _agent(self) -> RemoteAgent:
-        assert self.agent is not None, "connect first"
-        return self.agent
+    def _link(self) -> Link:
+        assert self.link is not None, "connect first"
+        return self.link
 
-    def _session(self) -> SshSession:
-        assert self.session is not None, "connect first"
-        return self.session
+    def _agent(self) -> RemoteAgent:
+        return self._link().agent
 
     def _work(self) -> Path:
         assert self.work is not None, "dump first"
         return self.work
 
     def _close(self) -> None:
-        if self.tunnel is not None:  # a failure after the point of no return: the tunnel is not needed either
+        if self.tunnel is not None:  # after a failure past the point of no return: not needed either
             self.tunnel.close()
-        if self.agent is not None:
-            self.agent.close()
-        if self.session is not None:
-            self.session.close()
+        self._remove_work()
+        if self.link is not None:
+            with contextlib.suppress(VzError, OSError):
+                self.link.close()
+
+
+# --- shared with --recover
+
+
+def finish_source(ct: Container, remove_area: bool) -> list[str]:
+    """Stop the source copy and remove it (conf -> CTID.conf.migrated; private area removed, or kept as
+    PRIVATE.migrated); the marker goes last, once nothing startable is left. The problems met."""
+    conf, private = ct.conf_path, ct.private
+
+    def move_private() -> None:
+        if remove_area:
+            refuse_mounts_in_areas(ct)  # rmtree would delete through a host dir mounted inside
+            shutil.rmtree(private, ignore_errors=True)
+        elif private.exists():
+            private.rename(private.with_name(private.name + ".migrated"))
+
+    problems = _run_all([("stop the source copy", lambda: lifecycle.kill(ct))])
+    if not problems:  # never remove the files of a copy that may still run
+        problems = _run_all(
+            [
+                ("remove its private area", move_private),
+                ("retire its config", lambda: conf.rename(conf.with_name(conf.name + ".migrated"))),
+            ]
+        )
+    with contextlib.suppress(OSError):
+        ct.root.rmdir()
+    remove_stale_scratch(ct)
+    if not problems:
+        marker.remove(ct.gconf, ct.ctid)
+    return problems
+
+
+def _run_all(steps: list[tuple[str, Callable[[], object]]]) -> list[str]:
+    problems = []
+    for what, step in steps:
+        try:
+            step()
+        except (VzError, OSError) as e:
+            problems.append(f"{what}: {getattr(e, 'message', None) or e}")
+    return problems
+
+
+def remove_stale_scratch(ct: Container) -> list[Path]:
+    """The source's scratch dirs of earlier, killed migrations of this CT (we hold its lock)."""
+    pattern = re.compile(rf"{re.escape(SCRATCH_PREFIX)}{re.escape(ct.ctid)}-[A-Za-z0-9_]{{8}}")
+    dumpdir = ct.gconf.dumpdir
+    stale = [p for p in dumpdir.iterdir() if pattern.fullmatch(p.name)] if dumpdir.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def recover(ct: Container, options: MigrateOptions, progress: Progress) -> str:
-    """After a migration was interrupted: ask the destination whether the CT was committed there.
-    Committed: the source copy is stopped and removed. Not committed: the destination is cleaned and the
-    source copy resumed. Returns what was done."""
-    session = SshSession.connect(options.target, key=options.ssh_key, known_hosts=options.known_hosts)
+    """After a migration was interrupted: ask the destination whether the CT was committed there (once
+    no agent works on it any more). Committed: it is made to run there, the source copy is stopped and
+    removed. Not committed: the destination is cleaned and the source copy resumed. What was done."""
+    mark = marker.read(ct.gconf, ct.ctid)
+    if mark is not None and mark.host != str(options.target):
+        raise MigrateUsage(
+            f"CT {ct.ctid}'s migration whose outcome is unknown went to {mark.host}, not {options.target}: "
+            f"run `{mark.recover_command}`"
+        )
+    remove_stale_scratch(ct)
+    host = options.target.host
+    link = connect(options)
     try:
-        with connect_agent(session, agent_argv(options.remote_vzpy)) as agent:
-            if agent.ct_exists(ct.ctid)["exists"]:
-                migration = Migration(ct, options, progress)
-                migration.past_no_return = True
-                migration._finish_source()
-                return f"CT {ct.ctid} runs on {options.target.host}: the source copy was stopped and removed"
-            agent.cleanup(ct.ctid, keep_dst=options.keep_dst)
+        state = link.agent.recover_state(ct.ctid, wait=RECOVER_LOCK_WAIT)
+        if state["state"] == "committed":
+            start = bool(mark and not mark.online and mark.was_running)
+            link.agent.recover_commit(ct.ctid, start=start)
+            problems = finish_source(ct, options.remove_area)
+            if problems:
+                raise MigrateError(f"CT {ct.ctid} runs on {host}, but cleaning up here failed: {'; '.join(problems)}")
+            return f"CT {ct.ctid} runs on {host}: the source copy was stopped and removed"
+        progress(f"CT {ct.ctid} was not committed on {host} ({state['state']}): cleaning it up there")
+        link.agent.cleanup(ct.ctid, keep_dst=options.keep_dst, wait=RECOVER_LOCK_WAIT)
     finally:
-        session.close()
-    if ct.stage() is not Stage.STOPPED:
+        with contextlib.suppress(VzError, OSError):
+            link.close()
+    return _bring_back(ct, mark, host)
+
+
+def _bring_back(ct: Container, mark: marker.Marker | None, host: str) -> str:
+    """The destination has no copy: the source's runs again (the marker goes first, so nothing refuses)."""
+    stage = ct.stage()
+    marker.remove(ct.gconf, ct.ctid)
+    if stage in FROZEN_STAGES:
         checkpoint.wake(ct)
-    return f"CT {ct.ctid} was not committed on {options.target.host}: it was cleaned there and runs here"
+    elif stage is Stage.STOPPED and mark is not None and not mark.online and mark.was_running:
+        lifecycle.start(ct)
+    elif stage is Stage.STOPPED:
+        return f"CT {ct.ctid} was not committed on {host}: it was cleaned there; it is stopped here"
+    return f"CT {ct.ctid} was not committed on {host}: it was cleaned there and runs here"

@@ -3,7 +3,10 @@ and the source's own facts, before anything is copied.
 
 check() returns every problem found (an empty list: go); a problem whose check the operator skipped with
 --nodeps is still returned, marked skipped, so it can be shown as ignored. Check names (for --nodeps):
-version, criu, ctid, disk_space, cpu, ip.
+version, criu, cgroups, ctid, disk_space, cpu, ip, dumpable.
+
+Everything the destination or CRIU would only find out after the CT was frozen is checked here: the
+destination's cgroup hierarchies, and (online) the CT's processes CRIU cannot dump (vzpy.dumpable).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import platform
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from vzpy.host.cpu import CPUINFO, arch_mismatch, host_cpu, missing_flags, parse_cpuinfo, relevant_flags
 from vzpy.migrate import (
+    CheckpointFailed,
     CtExistsRemote,
     DestinationNotReady,
     IncompatibleVersion,
@@ -27,27 +32,18 @@ from vzpy.migrate import (
     UnsupportedCpu,
 )
 from vzpy.migrate.protocol import PROTOCOL_VERSION, parse_version
+from vzpy.runtime.cgroups import CONTROLLERS
+from vzpy.units import human_size
 
-CHECKS = ("version", "criu", "ctid", "disk_space", "cpu", "ip")
-CPUINFO = Path("/proc/cpuinfo")
+if TYPE_CHECKING:
+    from vzpy.container import Container
+
+CHECKS = ("version", "criu", "cgroups", "ctid", "disk_space", "cpu", "ip", "dumpable")
 MiB = 1 << 20
 # Images besides memory pages (process tree, fds, mounts, sockets...), and room left over on the filesystem.
 DUMP_OVERHEAD = 32 * MiB
 DISK_MARGIN = 64 * MiB
 DUMP_FACTOR = 1.1
-# x86 flags naming instructions user space may pick at run time (glibc's ifuncs, JITs, crypto libraries):
-# a restored process that chose AVX2 at start dies with SIGILL on a CPU without it. The rest of
-# /proc/cpuinfo's flags (bugs, power management, virtualization, kernel-only features) do not matter.
-_X86_ISA = """
-fpu cx8 cmov mmx fxsr sse sse2 pni ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand abm lahf_lm
-sse4a misalignsse 3dnowprefetch xop fma4 tbm lzcnt bmi1 avx2 bmi2 erms rtm hle rdseed adx clflushopt clwb sha_ni
-xsaveopt xsavec xgetbv1 xsaves fsgsbase pclmulqdq vaes vpclmulqdq gfni avx_vnni avx_ifma avx_vnni_int8
-avx_ne_convert cmpccxadd movdiri movdir64b serialize waitpkg fsrm fzrm fsrs fsrc rdpid pku ospke clzero mwaitx
-cldemote
-"""
-X86_ISA_FLAGS = frozenset(_X86_ISA.split())
-X86_ISA_PREFIXES = ("avx512", "amx_")
-X86_MACHINES = frozenset({"x86_64", "i386", "i486", "i586", "i686"})
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,7 @@ class SourceFacts:
     machine: str = field(default_factory=platform.machine)
     ips: tuple[str, ...] = ()
     online: bool = True
+    dump_blockers: tuple[str, ...] = ()  # why CRIU could not dump the CT (online only)
 
 
 @dataclass(frozen=True)
@@ -79,23 +76,15 @@ class Problem:
 
 def read_cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
     """The first CPU's flags (x86 `flags`, arm64 `Features`) from /proc/cpuinfo."""
-    return parse_cpu_flags(cpuinfo.read_text(errors="replace"))
+    return frozenset(host_cpu(cpuinfo)["flags"])
 
 
 def parse_cpu_flags(text: str) -> frozenset[str]:
-    for line in text.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+    return frozenset(parse_cpuinfo(text)["flags"])
 
 
 def read_cpu_model(cpuinfo: Path = CPUINFO) -> str:
-    for line in cpuinfo.read_text(errors="replace").splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() in ("model name", "CPU part"):
-            return value.strip()
-    return ""
+    return str(host_cpu(cpuinfo)["model_name"])
 
 
 def disk_usage(path: Path) -> int:
@@ -144,10 +133,12 @@ def check(
     found = [
         *_version(hello, where),
         *(_criu(hello, where) if source.online else []),
+        *_cgroups(hello, where),
         *_ctid(exists, source.ctid, where),
         *_disk_space(hello, source, where),
         *(_cpu(hello, source, where) if source.online else []),
         *_ip(exists, where),
+        *_dumpable(source),
     ]
     return [Problem(p.check, p.message, p.error, skipped=p.check in skip) for p in found]
 
@@ -178,6 +169,33 @@ def _criu(hello: Mapping[str, Any], where: str) -> list[Problem]:
         return []
     why = criu.get("error") or "no usable CRIU"
     return [Problem("criu", f"CRIU cannot restore on {where}: {why}", DestinationNotReady)]
+
+
+def _cgroups(hello: Mapping[str, Any], where: str) -> list[Problem]:
+    if "cgroups" not in hello:  # an agent older than protocol 1.1 does not say
+        return []
+    missing = [name for name in CONTROLLERS if name not in (hello.get("cgroups") or ())]
+    if not missing:
+        return []
+    message = (
+        f"{where} has no cgroup v1 hierarchy for {', '.join(missing)}: vzpy there cannot run the CT "
+        "(mount the freezer, memory, cpu and pids controllers)"
+    )
+    return [Problem("cgroups", message, DestinationNotReady)]
+
+
+def _dumpable(source: SourceFacts) -> list[Problem]:
+    return [
+        Problem("dumpable", f"CRIU cannot dump CT {source.ctid}: {why}", CheckpointFailed)
+        for why in source.dump_blockers
+    ]
+
+
+def dump_blockers(ct: Container) -> list[str]:
+    """Why CRIU could not dump the running CT (vzpy.dumpable's findings), found before anything is frozen."""
+    from vzpy import dumpable  # reads /proc of the CT's tasks: only the source needs it
+
+    return [blocker.message for blocker in dumpable.blockers(ct)]
 
 
 def _ctid(exists: Mapping[str, Any], ctid: str, where: str) -> list[Problem]:
@@ -212,25 +230,23 @@ def _disk_space(hello: Mapping[str, Any], source: SourceFacts, where: str) -> li
 
 def _space_problem(fs: Mapping[str, Any], need: int, what: str, where: str) -> Problem:
     message = (
-        f"not enough disk space on {where}: {fs.get('path')} has {_size(int(fs.get('free', 0)))} free, "
-        f"the {what} needs {_size(need + DISK_MARGIN)} (with {_size(DISK_MARGIN)} to spare); free some space"
+        f"not enough disk space on {where}: {fs.get('path')} has {human_size(int(fs.get('free', 0)))} free, "
+        f"the {what} needs {human_size(need + DISK_MARGIN)} (with {human_size(DISK_MARGIN)} to spare); free some space"
     )
     return Problem("disk_space", message, NoDiskSpaceRemote)
 
 
 def relevant_cpu_flags(flags: Iterable[str], machine: str) -> frozenset[str]:
-    """The flags whose absence on the destination breaks restored processes (on non-x86: all)."""
-    if machine not in X86_MACHINES:
-        return frozenset(flags)
-    return frozenset(f for f in flags if f in X86_ISA_FLAGS or f.startswith(X86_ISA_PREFIXES))
+    """The flags whose absence on the destination breaks restored processes (host.cpu's one policy)."""
+    return relevant_flags(flags, machine)
 
 
 def _cpu(hello: Mapping[str, Any], source: SourceFacts, where: str) -> list[Problem]:
     cpu = hello.get("cpu") or {}
-    if cpu.get("machine") and cpu["machine"] != source.machine:
+    if arch_mismatch(source.machine, str(cpu.get("machine") or "")):
         message = f"{where} is {cpu['machine']}, this host {source.machine}: a CT cannot move between architectures"
         return [Problem("cpu", message, UnsupportedCpu)]
-    missing = sorted(relevant_cpu_flags(source.cpu_flags, source.machine) - set(cpu.get("flags") or ()))
+    missing = missing_flags(source.cpu_flags, source.machine, cpu.get("flags") or ())
     if not missing:
         return []
     message = (
@@ -246,10 +262,3 @@ def _ip(exists: Mapping[str, Any], where: str) -> list[Problem]:
         return []
     listed = ", ".join(f"{ip} (CT {ctid})" for ip, ctid in sorted(used.items()))
     return [Problem("ip", f"IP address(es) already in use on {where}: {listed}", IpInUseRemote)]
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

@@ -28,7 +28,7 @@ from vzpy.migrate import (
 )
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 0
+PROTOCOL_MINOR = 1  # 1.1: recover_state/recover_commit, resume/start commit themselves, no commit op
 PROTOCOL_VERSION = (PROTOCOL_MAJOR, PROTOCOL_MINOR)
 MAX_LINE = 4 << 20
 READ_SIZE = 65536
@@ -115,7 +115,8 @@ class Connection:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (end := self._buffer.find(b"\n")) < 0:
             if self._eof:
-                return self._end_of_stream()
+                self._end_of_stream()
+                return None
             if len(self._buffer) > MAX_LINE:
                 raise ProtocolError(f"migration protocol error: a line from {self.peer} exceeds {MAX_LINE} bytes")
             self._fill(deadline)
@@ -198,16 +199,24 @@ class Client:
     def peer(self) -> str:
         return self.connection.peer
 
+    @property
+    def usable(self) -> bool:
+        return self._broken is None
+
     def call(self, op: str, *, timeout: float | None = None, **args: Any) -> Message:
         """Send one request and return its reply's results; the agent's error is raised with its exit code."""
         if self._broken is not None:
             raise ConnectionBroken(f"connection to {self.peer} is unusable after: {self._broken.message}")
         request_id = self._next_id
         self._next_id += 1
+        wait = self.timeout if timeout is None else timeout
         try:
             self.connection.send(request(op, request_id, **args))
-            reply = self.connection.receive(self.timeout if timeout is None else timeout)
-        except (ConnectionBroken, ConnectionTimeout, ProtocolError) as e:
+            reply = self.connection.receive(wait)
+        except ConnectionTimeout as e:
+            self._broken = ConnectionTimeout(f"{self.peer} did not answer {op} within {wait:g}s")
+            raise self._broken from e
+        except (ConnectionBroken, ProtocolError) as e:
             self._broken = e
             raise
         if reply is None:
@@ -215,9 +224,9 @@ class Client:
             raise self._broken
         return self._result(op, request_id, reply)
 
-    def hello(self, *, timeout: float | None = None) -> Message:
+    def hello(self, *, timeout: float | None = None, **extra: Any) -> Message:
         """Negotiate the protocol version; the agent's facts about its host."""
-        reply = self.call("hello", timeout=timeout, proto=list(PROTOCOL_VERSION), vzpy=__version__)
+        reply = self.call("hello", timeout=timeout, proto=list(PROTOCOL_VERSION), vzpy=__version__, **extra)
         theirs = parse_version(reply.get("proto"))
         check_compatible(theirs, peer=f"vzpy on {self.peer}")
         self.version = negotiated(theirs)

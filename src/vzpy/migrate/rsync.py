@@ -3,23 +3,21 @@
 The argv is built, never a shell string: rsync's -e value is one argv element made of validated words
 (ssh.OpenSsh.rsh), the operator's --rsync-opts are shlex-split into separate elements that must all be
 options (`--opt=value` for options taking a value) and may not replace the transport (-e/--rsh), and the
-paths come after `--`. rsync is run with subprocess.Popen rather than proc.run because its progress is
-read while it runs.
+paths come after `--`. rsync is run with proc.spawn rather than proc.run because its progress is read
+while it runs.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import select
 import shlex
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vzpy import proc
 from vzpy.migrate import CopyFailed, MigrateUsage
 from vzpy.migrate.ssh import OpenSsh
 
@@ -30,7 +28,10 @@ RSYNC = "rsync"
 BASE_OPTIONS = ("-aHAXS", "--numeric-ids", "--delete", "--modify-window=-1", "--info=progress2")
 EXIT_VANISHED = 24  # "some files vanished before they could be transferred": normal while the CT runs
 FORBIDDEN_LONG = ("--rsh", "--server", "--sender", "--daemon", "--config", "--files-from", "--old-args")
-STDERR_TAIL = 16384
+# Options that follow symlinks, which the CT controls: on the source they would copy the host files a CT's
+# link names into the CT; on the destination write through a link out of the CT's area.
+LINK_FOLLOWING_LONG = ("--copy-links", "--copy-unsafe-links", "--copy-dirlinks", "--keep-dirlinks")
+LINK_FOLLOWING_SHORT = "LkK"
 EXIT_MEANINGS = {
     1: "syntax or usage error",
     2: "protocol incompatibility",
@@ -51,7 +52,9 @@ PROGRESS_RE = re.compile(r"^\s*([\d,]+)\s+(\d+)%\s+(\S+)\s+(\d+:\d\d:\d\d)")
 
 
 @dataclass(frozen=True)
-class Progress:
+class Transfer:
+    """How far one rsync run has got (its --info=progress2 line)."""
+
     bytes: int
     percent: int
     rate: str
@@ -65,7 +68,7 @@ class RsyncResult:
     exit_code: int
 
 
-ProgressCallback = Callable[[Progress], None]
+TransferCallback = Callable[[Transfer], None]
 
 
 def parse_rsync_opts(text: str | None) -> list[str]:
@@ -87,10 +90,21 @@ def _check_rsync_opt(word: str) -> None:
         name = word.split("=", 1)[0]
         if any(name == bad or (len(name) > 3 and bad.startswith(name)) for bad in FORBIDDEN_LONG):
             raise MigrateUsage(f"--rsync-opts: {name} is not allowed: vzpy runs rsync over its own verified SSH")
+        if any(name == bad or (len(name) > 3 and bad.startswith(name)) for bad in LINK_FOLLOWING_LONG):
+            raise _link_following(name)
         return
     letters = re.match(r"-([A-Za-z]*)", word)
     if letters and "e" in letters.group(1):
         raise MigrateUsage(f"--rsync-opts: {word!r} sets rsync's -e (remote shell): vzpy uses its own SSH")
+    if letters and set(letters.group(1)) & set(LINK_FOLLOWING_SHORT):
+        raise _link_following(word)
+
+
+def _link_following(option: str) -> MigrateUsage:
+    return MigrateUsage(
+        f"--rsync-opts: {option!r} makes rsync follow symlinks, which the CT controls (they may name host files); "
+        "vzpy copies links as links: leave it out"
+    )
 
 
 def rsync_argv(
@@ -110,18 +124,18 @@ def rsync_argv(
     return [RSYNC, *options, "-e", ssh.rsh(), *parse_rsync_opts(rsync_opts), "--", src, dest]
 
 
-def parse_progress(line: str) -> Progress | None:
+def parse_progress(line: str) -> Transfer | None:
     match = PROGRESS_RE.match(line)
     if not match:
         return None
     amount, percent, rate, eta = match.groups()
-    return Progress(int(amount.replace(",", "")), int(percent), rate, eta)
+    return Transfer(int(amount.replace(",", "")), int(percent), rate, eta)
 
 
 def run_rsync(
     argv: Sequence[str],
     *,
-    on_progress: ProgressCallback | None = None,
+    on_progress: TransferCallback | None = None,
     timeout: float | None = None,
     allow_vanished: bool = False,
     what: str = "rsync",
@@ -129,87 +143,19 @@ def run_rsync(
     """Run rsync, feeding --info=progress2 updates to on_progress; CopyFailed (exit 6) with stderr's
     tail if it fails, times out or is interrupted (rsync is killed then)."""
     started = time.monotonic()
-    try:
-        process = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True
-        )
-    except OSError as e:
-        raise CopyFailed(f"{what}: cannot run {argv[0]}: {e.strerror} (install rsync)") from e
-    stderr = _StderrTail(process)
-    try:
-        last = _read_progress(process, on_progress, None if timeout is None else started + timeout, what)
-        code = process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stderr.join()
-        process.stdout.close()  # type: ignore[union-attr]
-    if code != 0 and not (allow_vanished and code == EXIT_VANISHED):
-        meaning = EXIT_MEANINGS.get(code, "failed") if code > 0 else f"killed by signal {-code}"
-        raise CopyFailed(f"{what} failed with exit code {code} ({meaning})", detail=stderr.text())
-    return RsyncResult(last.bytes if last else 0, time.monotonic() - started, code)
-
-
-def _read_progress(
-    process: subprocess.Popen[bytes], on_progress: ProgressCallback | None, deadline: float | None, what: str
-) -> Progress | None:
-    """Read rsync's stdout to its end ("\\r"-separated progress updates), enforcing the deadline."""
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    os.set_blocking(fd, False)
-    pending, last = b"", None
-    while True:
-        if deadline is not None and time.monotonic() > deadline:
-            raise CopyFailed(f"{what} timed out")
-        chunk = _read_some(fd, deadline)
-        if chunk == b"":
-            return last
-        pending += chunk or b""
-        *lines, pending = re.split(rb"[\r\n]", pending)
-        for line in lines:
+    last: Transfer | None = None
+    with proc.spawn(argv, timeout=timeout, what=what, error=CopyFailed, stdout="pipe") as child:
+        for line in child.lines(b"\r\n"):  # progress2 updates end in "\r"
             progress = parse_progress(line.decode(errors="replace"))
             if progress is not None:
                 last = progress
                 if on_progress is not None:
                     on_progress(progress)
-
-
-def _read_some(fd: int, deadline: float | None) -> bytes | None:
-    """Up to 64 KiB; b"" at EOF, None if nothing came within a short wait."""
-    wait = 0.5 if deadline is None else max(min(0.5, deadline - time.monotonic()), 0)
-    ready, _, _ = select.select([fd], [], [], wait)
-    if not ready:
-        return None
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return None
-
-
-class _StderrTail:
-    """Drains a process's stderr in a thread (so it never blocks on a full pipe), keeping the tail."""
-
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self._pipe = process.stderr
-        self._data = bytearray()
-        self._thread = threading.Thread(target=self._drain, name="rsync-stderr", daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        assert self._pipe is not None
-        for chunk in iter(lambda: self._pipe.read1(65536), b""):  # type: ignore[union-attr]
-            self._data += chunk
-            del self._data[:-STDERR_TAIL]
-
-    def join(self) -> None:
-        self._thread.join(5)
-        if self._pipe is not None:
-            self._pipe.close()
-
-    def text(self) -> str:
-        lines = self._data.decode(errors="replace").strip().splitlines()
-        return "\n".join(lines[-8:])
+        code = child.finish(check=False)
+        if code != 0 and not (allow_vanished and code == EXIT_VANISHED):
+            meaning = EXIT_MEANINGS.get(code, "failed") if code > 0 else f"killed by signal {-code}"
+            raise child.failed(f"{what} failed with exit code {code} ({meaning})")
+    return RsyncResult(last.bytes if last else 0, time.monotonic() - started, code)
 
 
 def sync_tree(
@@ -218,7 +164,7 @@ def sync_tree(
     ssh: OpenSsh,
     *,
     rsync_opts: str | None = None,
-    on_progress: ProgressCallback | None = None,
+    on_progress: TransferCallback | None = None,
     allow_vanished: bool = False,
     timeout: float | None = None,
     delete: bool = True,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paramiko
 
@@ -284,7 +285,7 @@ class SshSession:
             client.close()
             sock.close()
             raise _connect_error(e, target, known, key_path) from e
-        client.get_transport().set_keepalive(KEEPALIVE)  # type: ignore[union-attr]
+        client.get_transport().set_keepalive(KEEPALIVE)  # type: ignore[union-attr]  # connected: it has one
         return cls(target, client, known, key_path, timeout, policy.accepted)
 
     # --- using it
@@ -296,9 +297,9 @@ class SshSession:
             raise CantConnect(f"the SSH connection to {self.target} is closed")
         return transport
 
-    def openssh(self, **kw: object) -> OpenSsh:
+    def openssh(self, *, extra_options: tuple[tuple[str, str], ...] = ()) -> OpenSsh:
         """OpenSSH options reaching the same destination with the same identity and known_hosts."""
-        return OpenSsh(self.target, self.known_hosts, self.key, int(self.timeout), **kw)  # type: ignore[arg-type]
+        return OpenSsh(self.target, self.known_hosts, self.key, int(self.timeout), extra_options=extra_options)
 
     def exec_json(self, argv: Sequence[str]) -> Connection:
         """Run argv on the destination and speak the JSON line protocol with it over its stdin/stdout."""
@@ -339,9 +340,9 @@ class SshSession:
         return channel
 
 
-def _transport(sock: socket.socket, **kw: object) -> paramiko.Transport:
+def _transport(sock: Any, /, **kw: Any) -> paramiko.Transport:  # sock: whatever SSHClient.connect was given
     """paramiko's transport, with AES-GCM first when the CPU has AES instructions."""
-    transport = paramiko.Transport(sock, **kw)  # type: ignore[arg-type]
+    transport = paramiko.Transport(sock, **kw)
     if cpu_has_aes():
         options = transport.get_security_options()
         known = tuple(options.ciphers)
@@ -378,7 +379,7 @@ def _explicit_key(key: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
-def _auth_kwargs(key: Path | None) -> dict[str, object]:
+def _auth_kwargs(key: Path | None) -> dict[str, Any]:
     """Keys only: the explicit key alone, else ssh-agent and ~/.ssh/id_{ed25519,ecdsa,rsa}."""
     if key is not None:
         return {"key_filename": str(key), "allow_agent": False, "look_for_keys": False}

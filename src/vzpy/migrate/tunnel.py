@@ -17,13 +17,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
+from vzpy import proc
 from vzpy.migrate import CantConnect, CopyFailed
 from vzpy.migrate.ssh import OpenSsh
 
@@ -57,7 +55,7 @@ def listening(address: str, port: int, proc_net_tcp: Path = Path("/proc/self/net
 
 def socket_inodes(pid: int) -> set[int]:
     """Inodes of the sockets process pid has open."""
-    inodes = set()
+    inodes: set[int] = set()
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -81,8 +79,7 @@ class OpenSshTunnel:
         self.remote_host = remote_host
         self.remote_port = remote_port
         self.local_port = 0
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] | None = None
+        self.process: proc.Child | None = None
 
     def argv(self, local_port: int) -> list[str]:
         forward = f"{LOOPBACK}:{local_port}:{self.remote_host}:{self.remote_port}"
@@ -99,19 +96,17 @@ class OpenSshTunnel:
 
     def _start_on(self, port: int) -> bool:
         """Start ssh forwarding `port`; True once it listens, False if the port was taken meanwhile."""
-        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        try:
-            self.process = subprocess.Popen(
-                self.argv(port), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr
-            )
-        except OSError as e:
-            raise CopyFailed(f"cannot run ssh for the page-server tunnel: {e.strerror}") from e
+        self.close()  # an earlier attempt's ssh (exited), kept until now for its error output
+        # No deadline of its own: it lives as long as the `with` block.
+        self.process = proc.spawn(self.argv(port), timeout=None, what="the page-server SSH tunnel", error=CopyFailed)
         deadline = time.monotonic() + READY_TIMEOUT
         while not listening_inodes(LOOPBACK, port) & socket_inodes(self.process.pid):
             if self.process.poll() is not None:
                 if any(text in self._error() for text in PORT_TAKEN):
                     return False
-                raise CantConnect(f"SSH tunnel to {self.ssh.target} failed: {self._error()}")
+                failure = CantConnect(f"SSH tunnel to {self.ssh.target} failed: {self._error()}")
+                self.close()
+                raise failure
             if time.monotonic() > deadline:
                 self.close()
                 raise CantConnect(f"SSH tunnel to {self.ssh.target} not ready after {READY_TIMEOUT:g}s")
@@ -124,24 +119,14 @@ class OpenSshTunnel:
     def close(self) -> None:
         """Stop ssh (SIGTERM, then SIGKILL) and reap it. Idempotent."""
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait()
-            self.process = None
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+            process, self.process = self.process, None
+            process.close(grace=5)
 
     def _error(self) -> str:
-        if self._stderr is None:
+        if self.process is None:
             return "no error output"
-        self._stderr.seek(0)
-        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
-        return " / ".join(lines[-3:]) or f"ssh exited with code {self.process.returncode if self.process else '?'}"
+        lines = self.process.stderr_tail(3).splitlines()
+        return " / ".join(lines) or f"ssh exited with code {self.process.returncode}"
 
     def __enter__(self) -> OpenSshTunnel:
         return self.start() if self.process is None else self

@@ -5,8 +5,9 @@ Three processes take part:
 - the caller puts the holder into the CT's cgroups and configures the network in its netns, then
   lets it go;
 - the holder forks the CT's *init* (PID 1 of the new PID namespace) and exits. The init mounts /proc,
-  /sys and a minimal /dev, pivots into the root, becomes a session leader, puts its stdio on the CT's
-  own /dev/null, closes every other fd and execs the CT's /sbin/init.
+  /sys (read-only) and a minimal /dev, makes the host-wide parts of /proc read-only or hides them,
+  pivots into the root, becomes a session leader, puts its stdio on the CT's own /dev/null, closes every
+  other fd, drops the capabilities of runtime/caps.py from its bounding set and execs the CT's /sbin/init.
 All three report on one pipe; the init's end is close-on-exec, so EOF after its pid means exec worked.
 What CRIU needs (no fd or mount pointing outside the CT, init a session leader inside) holds by
 construction.
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vzpy.errors import VzError
-from vzpy.runtime import linux
+from vzpy.runtime import caps, linux
+from vzpy.runtime.ctfs import CtRoot
 
 CT_NAMESPACES = linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC | linux.CLONE_NEWNET | linux.CLONE_NEWPID
 CT_ENV = {
@@ -46,6 +48,25 @@ DEV_LINKS = {
 }
 NOSUID_NODEV_NOEXEC = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 START_TIMEOUT = 15.0
+KERNEL_DIRS = ("proc", "sys", "dev")  # where the init mounts proc, sysfs and the CT's /dev
+# Parts of /proc that act on the whole host (kernel.core_pattern runs a host program as root, sysrq reboots
+# the host, ...): read-only in the CT, as LXC and Docker make them. /proc/sys/net is the CT's own network
+# namespace's and stays writable, as with LXC's proc:mixed.
+READ_ONLY_PROC = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+WRITABLE_PROC = ("sys/net",)
+# What only tells about or acts on the host's hardware and kernel: hidden (/dev/null over a file, an
+# empty read-only tmpfs over a directory). Only those this kernel has are covered.
+MASKED = (
+    "proc/kcore",
+    "proc/keys",
+    "proc/timer_list",
+    "proc/sched_debug",
+    "proc/latency_stats",
+    "proc/acpi",
+    "proc/scsi",
+    "proc/asound",
+    "sys/firmware",
+)
 
 
 class StartFailed(VzError):
@@ -61,8 +82,7 @@ class InitSpec:
 
 def launch(spec: InitSpec, prepare: Callable[[int], None]) -> int:
     """Start the CT; `prepare(holder_pid)` runs once its namespaces exist. Returns init's host pid."""
-    if not (spec.root / spec.init.lstrip("/")).exists():
-        raise StartFailed(f"{spec.init} not found in the CT root {spec.root}; is the private area complete?")
+    _check_root(spec)
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     holder = os.fork()
@@ -77,6 +97,22 @@ def launch(spec: InitSpec, prepare: Callable[[int], None]) -> int:
     finally:
         os.close(report_r)
         _reap(holder)
+
+
+def _check_root(spec: InitSpec) -> None:
+    """The init and the mount points of /proc, /sys, /dev as the CT sees them (links never lead out of it)."""
+    with CtRoot(spec.root) as root:
+        if root.stat(spec.init) is None:
+            raise StartFailed(f"{spec.init} not found in the CT root {spec.root}; is the private area complete?")
+        for sub in KERNEL_DIRS:
+            try:
+                mode = os.lstat(sub, dir_fd=root.fd).st_mode
+            except FileNotFoundError:
+                continue  # made by the init before mounting
+            if not stat.S_ISDIR(mode):
+                raise StartFailed(
+                    f"/{sub} in the CT root {spec.root} is not a directory of the CT; make it an empty directory"
+                )
 
 
 def _supervise(holder: int, report_r: int, go_w: int, prepare: Callable[[int], None]) -> int:
@@ -164,12 +200,13 @@ def _init(spec: InitSpec, report_w: int) -> None:
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
     os.umask(0o022)
+    caps.drop_from_bounding_set()
     os.execve(spec.init, [spec.init], CT_ENV)
 
 
 def _mount_root(root: str) -> None:
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    for sub in ("proc", "sys", "dev"):
+    for sub in KERNEL_DIRS:
         os.makedirs(f"{root}/{sub}", exist_ok=True)
     linux.mount("proc", f"{root}/proc", "proc", NOSUID_NODEV_NOEXEC)
     linux.mount("sysfs", f"{root}/sys", "sysfs", NOSUID_NODEV_NOEXEC | linux.MS_RDONLY)
@@ -192,6 +229,35 @@ def _mount_root(root: str) -> None:
     linux.mount("shm", f"{root}/dev/shm", "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
     for name, target in DEV_LINKS.items():
         os.symlink(target, f"{root}/dev/{name}")
+    _confine_proc(root)
+
+
+def _confine_proc(root: str) -> None:
+    for sub in READ_ONLY_PROC:
+        _bind_self(f"{root}/proc/{sub}", read_only=True)
+    for sub in WRITABLE_PROC:
+        _bind_self(f"{root}/proc/{sub}", read_only=False)
+    for sub in MASKED:
+        _mask(f"{root}/{sub}", f"{root}/dev/null")
+
+
+def _bind_self(path: str, *, read_only: bool) -> None:
+    if not os.path.lexists(path):
+        return
+    linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+    flags = linux.MS_BIND | linux.MS_REMOUNT | NOSUID_NODEV_NOEXEC
+    linux.mount(None, path, None, flags | (linux.MS_RDONLY if read_only else 0))
+
+
+def _mask(path: str, dev_null: str) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        linux.mount("tmpfs", path, "tmpfs", NOSUID_NODEV_NOEXEC | linux.MS_RDONLY, "mode=555")
+    else:
+        linux.mount(dev_null, path, None, linux.MS_BIND)
 
 
 def _pivot(root: str) -> None:

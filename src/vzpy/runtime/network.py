@@ -11,11 +11,12 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from vzpy.errors import BadIp, NetworkError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 CT_IFNAME = "eth0"
 IFNAMSIZ = 15
@@ -47,13 +48,23 @@ def _netns_path(pid: int) -> str:
     return f"/proc/{pid}/ns/net"
 
 
+def _iproute(netns_of: int | None = None) -> IPRoute:
+    """A netlink socket in the host's netns, or in that of pid `netns_of`. pyroute2 is imported here, not at
+    the top: it costs ~0.2 s of start-up that commands doing no network work (status, list) must not pay."""
+    from pyroute2 import IPRoute
+
+    return IPRoute() if netns_of is None else IPRoute(netns=_netns_path(netns_of), flags=0)
+
+
 def _prefixlen(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
     return 32 if ip.version == 4 else 128
 
 
 def create_veth(host_if: str, init_pid: int) -> None:
     """Create the veth pair and move its CT end into the netns of init_pid, named eth0."""
-    with IPRoute() as ipr:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _iproute() as ipr:
         if ipr.link_lookup(ifname=host_if):
             ipr.link("del", ifname=host_if)
         try:
@@ -62,7 +73,7 @@ def create_veth(host_if: str, init_pid: int) -> None:
             ipr.link("set", index=peer, net_ns_fd=_netns_path(init_pid))
         except NetlinkError as e:
             raise NetworkError(f"cannot create veth {host_if}: {e}") from e
-    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+    with _iproute(init_pid) as ct:
         index = ct.link_lookup(ifname=f"{host_if[:-2]}.c")[0]
         ct.link("set", index=index, ifname=CT_IFNAME)
 
@@ -70,7 +81,7 @@ def create_veth(host_if: str, init_pid: int) -> None:
 def configure_ct_side(init_pid: int, ips: Iterable[str]) -> None:
     """Inside the CT: lo up, eth0 up with its /32 addresses and default routes out of eth0."""
     parsed = [parse_ip(ip) for ip in ips]
-    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+    with _iproute(init_pid) as ct:
         ct.link("set", index=ct.link_lookup(ifname="lo")[0], state="up")
         index = ct.link_lookup(ifname=CT_IFNAME)[0]
         ct.link("set", index=index, state="up")
@@ -80,7 +91,7 @@ def configure_ct_side(init_pid: int, ips: Iterable[str]) -> None:
 
 def add_ct_address(init_pid: int, ip: str) -> None:
     parsed = parse_ip(ip)
-    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+    with _iproute(init_pid) as ct:
         _add_address(ct, ct.link_lookup(ifname=CT_IFNAME)[0], parsed)
 
 
@@ -92,8 +103,10 @@ def _add_address(ct: IPRoute, index: int, ip: ipaddress.IPv4Address | ipaddress.
 
 
 def del_ct_address(init_pid: int, ip: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     parsed = parse_ip(ip)
-    with IPRoute(netns=_netns_path(init_pid), flags=0) as ct:
+    with _iproute(init_pid) as ct:
         index = ct.link_lookup(ifname=CT_IFNAME)[0]
         try:
             ct.addr("del", index=index, address=str(parsed), prefixlen=_prefixlen(parsed))
@@ -103,7 +116,7 @@ def del_ct_address(init_pid: int, ip: str) -> None:
 
 def configure_host_side(host_if: str, ips: Iterable[str]) -> None:
     """On the host: the veth end up, proxy ARP on it, forwarding, and a /32 route per CT address."""
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         found = ipr.link_lookup(ifname=host_if)
         if not found:
             raise NetworkError(f"host interface {host_if} is missing; restart the CT")
@@ -117,9 +130,11 @@ def configure_host_side(host_if: str, ips: Iterable[str]) -> None:
 
 
 def add_host_route(host_if: str, ip: str, ipr: IPRoute | None = None) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     parsed = parse_ip(ip)
     own = ipr is None
-    ipr = ipr or IPRoute()
+    ipr = ipr or _iproute()
     try:
         index = ipr.link_lookup(ifname=host_if)[0]
         ipr.route("replace", dst=f"{parsed}/{_prefixlen(parsed)}", oif=index, scope=253)
@@ -131,8 +146,10 @@ def add_host_route(host_if: str, ip: str, ipr: IPRoute | None = None) -> None:
 
 
 def del_host_route(ip: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     parsed = parse_ip(ip)
-    with IPRoute() as ipr:
+    with _iproute() as ipr:
         try:
             ipr.route("del", dst=f"{parsed}/{_prefixlen(parsed)}")
         except NetlinkError:
@@ -141,7 +158,9 @@ def del_host_route(ip: str) -> None:
 
 def delete_veth(host_if: str) -> None:
     """Remove the host end (the CT end goes with it); absent is fine."""
-    with IPRoute() as ipr:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _iproute() as ipr:
         found = ipr.link_lookup(ifname=host_if)
         if found:
             try:
@@ -151,38 +170,46 @@ def delete_veth(host_if: str) -> None:
                     raise NetworkError(f"cannot delete {host_if}: {e}") from e
 
 
-def routed_ips() -> dict[str, str]:
-    """Host /32 routes to CTs: address -> interface name (to find addresses already in use)."""
-    result: dict[str, str] = {}
-    with IPRoute() as ipr:
-        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
-        for route in ipr.get_routes(family=2):
-            if route["dst_len"] == 32 and route.get_attr("RTA_DST"):
-                result[route.get_attr("RTA_DST")] = names.get(route.get_attr("RTA_OIF"), "")
-    return result
-
-
-def announce(ip: str) -> list[str]:
-    """Gratuitous ARP for `ip` from every up, addressed, non-veth interface of this host, so that peers
-    move their ARP entry to this host at once (vzctl's venet scripts do the same after a migration).
-    Returns the interfaces it was sent on."""
+def announce(ip: str, exclude: Iterable[str] = ()) -> list[str]:
+    """Gratuitous ARP for `ip` on the interfaces where this host routes or proxies the CT's address (vzctl's
+    NEIGHBOUR_DEVS=detect): up, ARP-capable interfaces with a directly connected route (no gateway, not a
+    host route, not the default route) whose network holds `ip`, so that peers on those links move their
+    ARP entry to this host at once. Never on unrelated interfaces (an uplink to elsewhere). `exclude`:
+    interfaces never to send on (the CT's own veth). Returns the interfaces it was sent on."""
     parsed = parse_ip(ip)
     if parsed.version != 4:
         return []
     sent = []
-    with IPRoute() as ipr:
-        addressed = {a["index"] for a in ipr.get_addr(family=2)}
-        for link in ipr.get_links():
+    with _iproute() as ipr:
+        links = {link["index"]: link for link in ipr.get_links()}
+        for index in _connected_route_ifindexes(ipr, parsed):
+            link = links.get(index)
+            if link is None:
+                continue
             name, mac = link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS")
-            if link["index"] in addressed and _announceable(link, name, mac):
-                _send_garp(name, mac, parsed.packed)
-                sent.append(name)
+            if name in exclude or name in sent or not _announceable(link, name, mac):
+                continue
+            _send_garp(name, mac, parsed.packed)
+            sent.append(name)
     return sent
 
 
-def _announceable(link: object, name: str, mac: str | None) -> bool:
-    up = link["flags"] & 1  # type: ignore[index]
-    return bool(up) and name != "lo" and not name.startswith("veth") and mac not in (None, "00:00:00:00:00:00")
+def _connected_route_ifindexes(ipr: IPRoute, ip: ipaddress.IPv4Address) -> list[int]:
+    """Interfaces of the main table's on-link IPv4 routes to a network holding `ip` (most specific first)."""
+    found: list[tuple[int, int]] = []
+    for route in ipr.get_routes(family=2, table=254):
+        prefix, dst, oif = route["dst_len"], route.get_attr("RTA_DST"), route.get_attr("RTA_OIF")
+        if not dst or not 0 < prefix < 32 or oif is None or route.get_attr("RTA_GATEWAY"):
+            continue
+        if ip in ipaddress.ip_network(f"{dst}/{prefix}", strict=False):
+            found.append((prefix, oif))
+    return [oif for _, oif in sorted(found, reverse=True)]
+
+
+def _announceable(link: Any, name: str, mac: str | None) -> bool:  # link: a pyroute2 message (untyped)
+    flags = link["flags"]
+    up, noarp = flags & 1, flags & 0x80  # IFF_UP, IFF_NOARP
+    return bool(up) and not noarp and name != "lo" and mac not in (None, "00:00:00:00:00:00")
 
 
 def _send_garp(ifname: str, mac: str, ip: bytes) -> None:

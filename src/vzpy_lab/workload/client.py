@@ -1,4 +1,4 @@
-"""Clients for the fidelity workload (tests/workload/fidelity.c).
+"""Clients for the fidelity workload (fidelity.c beside this module).
 
 `FidelityClient` speaks the control protocol on PORT (one-line commands, replies end with "END");
 `EchoStream` keeps one connection to the echo service on PORT+1 open, so that it can be carried across a
@@ -30,6 +30,9 @@ ITEMS: tuple[str, ...] = (
     "pids",
     "rlimits",
     "hostname",
+    "stopped_task",
+    "unlinked_linked_file",
+    "tcp_send_queue",
 )
 
 # How to open a TCP connection: (host, port), timeout -> connected socket. The default connects from the

@@ -12,6 +12,11 @@
  * line protocol (PING, VERIFY, INFO; every reply ends with a line "END"); PORT+1 echoes every byte back.
  * VERIFY checks each item against the recorded values and re-arms whatever the check consumed, so it can
  * be repeated after every checkpoint/restore. Statically linked, no dependencies beyond libc.
+ *
+ * Cases raw CRIU handles that a careless checkpoint tool may not: a child stopped by SIGSTOP (it must come
+ * back stopped), an open file whose name was unlinked while another link remains (CRIU needs link-remap),
+ * and a TCP connection over lo whose send queue holds data the peer's window has not taken yet (it needs
+ * the network locked while the sockets are restored).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -73,16 +78,21 @@
 #define STACK_SOFT (16UL << 20)
 #define RT_VAL1 4242
 #define RT_VAL2 4343
+#define LINKED_SIZE (16UL << 10)
+#define LINKED_OFFSET 321
+#define SENDQ_BUF 16384
+#define SENDQ_SALT 0x5a
 
 enum item {
 	IT_MEMORY, IT_CPU, IT_FILES, IT_PIPES, IT_UNIX, IT_SHM, IT_SEM, IT_MSG, IT_CWD, IT_HANDLERS,
-	IT_PENDING, IT_TIMERS, IT_TERMINAL, IT_CREDS, IT_PIDS, IT_RLIMITS, IT_HOSTNAME, IT_COUNT
+	IT_PENDING, IT_TIMERS, IT_TERMINAL, IT_CREDS, IT_PIDS, IT_RLIMITS, IT_HOSTNAME, IT_STOPPED,
+	IT_LINKED, IT_SENDQ, IT_COUNT
 };
 
 static const char *item_names[IT_COUNT] = {
 	"memory", "cpu", "files", "pipes", "unix_sockets", "sysv_shm", "sysv_sem", "sysv_msg", "cwd",
 	"signal_handlers", "pending_signals", "timers", "terminal", "credentials", "pids", "rlimits",
-	"hostname",
+	"hostname", "stopped_task", "unlinked_linked_file", "tcp_send_queue",
 };
 
 static char setup_err[IT_COUNT][DETAIL];
@@ -151,7 +161,7 @@ static struct {
 	const char *addr;
 	int port;
 	char path_cwd[256], path_append[256], path_fmap[256], path_fifo[256], path_sock[108];
-	char path_ghost[256];
+	char path_ghost[256], path_linked[256], path_linked_other[256];
 	struct timespec t0;
 
 	/* memory */
@@ -165,7 +175,14 @@ static struct {
 	uint64_t last_cpu_n;
 
 	/* files */
-	int fd_append, fd_ghost;
+	int fd_append, fd_ghost, fd_linked;
+
+	/* a child stopped by SIGSTOP */
+	pid_t stopped;
+
+	/* tcp over lo with unsent data: sendq_w writes, sendq_r never reads until VERIFY */
+	int sendq_w, sendq_r;
+	uint64_t sendq_sent, sendq_checked;
 
 	/* pipes */
 	int pipe_r, pipe_w, fifo_r, fifo_w;
@@ -619,6 +636,90 @@ static void setup_files(void)
 	if (g.fd_ghost < 0 || write_full(g.fd_ghost, buf, sizeof(buf)) < 0 ||
 	    lseek(g.fd_ghost, GHOST_OFFSET, SEEK_SET) < 0 || unlink(g.path_ghost) < 0)
 		seterr(IT_FILES, "ghost file %s: %s", g.path_ghost, strerror(errno));
+}
+
+/* A file opened by one name, hard-linked to another, then unlinked by the first: nlink 1, name gone. */
+static void setup_linked_file(void)
+{
+	unsigned char buf[LINKED_SIZE];
+
+	unlink(g.path_linked);
+	unlink(g.path_linked_other);
+	g.fd_linked = open(g.path_linked, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	fill_pattern(buf, sizeof(buf), 0x37);
+	if (g.fd_linked < 0 || write_full(g.fd_linked, buf, sizeof(buf)) < 0 ||
+	    lseek(g.fd_linked, LINKED_OFFSET, SEEK_SET) < 0 || link(g.path_linked, g.path_linked_other) < 0 ||
+	    unlink(g.path_linked) < 0)
+		seterr(IT_LINKED, "linked file %s: %s", g.path_linked, strerror(errno));
+}
+
+static void setup_stopped(void)
+{
+	g.stopped = fork();
+	if (g.stopped < 0) {
+		seterr(IT_STOPPED, "fork: %s", strerror(errno));
+		return;
+	}
+	if (g.stopped == 0) {
+		prctl(PR_SET_NAME, "fid-stopped");
+		for (;;)
+			raise(SIGSTOP); /* a SIGCONT would only stop it again: it stays stopped */
+	}
+}
+
+static unsigned char sendq_byte(uint64_t i)
+{
+	return (unsigned char)((i * 13 + (i >> 9) + SENDQ_SALT) & 0xff);
+}
+
+/* Write until the socket takes no more for a while: the receiver's window is full, so what the sender
+ * still holds stays unsent (a brief EAGAIN only means the small send buffer waits for lo to carry it). */
+static int sendq_fill(void)
+{
+	unsigned char buf[SENDQ_BUF];
+
+	for (;;) {
+		ssize_t n;
+		for (size_t i = 0; i < sizeof(buf); i++)
+			buf[i] = sendq_byte(g.sendq_sent + i);
+		n = send(g.sendq_w, buf, sizeof(buf), MSG_DONTWAIT);
+		if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+			return -1;
+		if (n < 0 && !(poll_one(g.sendq_w, POLLOUT, 200) & POLLOUT))
+			return 0;
+		if (n > 0)
+			g.sendq_sent += (uint64_t)n;
+	}
+}
+
+static void setup_sendq(void)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t alen = sizeof(a);
+	/* The receiver's buffer well above lo's MSS: a VERIFY that drains it makes the kernel announce the
+	 * window at once (with a buffer below the MSS it waits for the sender's zero-window probe, which backs
+	 * off to minutes while the CT is frozen). The sender's is small: most of what it holds is unsent. */
+	int small = 4096, big = 256 << 10, lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	g.sendq_w = g.sendq_r = -1;
+	if (lfd < 0 || setsockopt(lfd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big)) < 0 ||
+	    bind(lfd, (struct sockaddr *)&a, sizeof(a)) < 0 || listen(lfd, 1) < 0 ||
+	    getsockname(lfd, (struct sockaddr *)&a, &alen) < 0) {
+		seterr(IT_SENDQ, "listen on lo: %s", strerror(errno));
+		goto out;
+	}
+	g.sendq_w = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (g.sendq_w < 0 || setsockopt(g.sendq_w, SOL_SOCKET, SO_SNDBUF, &small, sizeof(small)) < 0 ||
+	    connect(g.sendq_w, (struct sockaddr *)&a, sizeof(a)) < 0) {
+		seterr(IT_SENDQ, "connect on lo: %s", strerror(errno));
+		goto out;
+	}
+	g.sendq_r = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
+	if (g.sendq_r < 0 || sendq_fill() < 0)
+		seterr(IT_SENDQ, "fill: %s", strerror(errno));
+out:
+	if (lfd >= 0)
+		close(lfd);
 }
 
 static void setup_pipes(void)
@@ -1464,12 +1565,79 @@ static int check_pids_all(struct vctx *v, char *d)
 	return check_worker_tid(d);
 }
 
+/* Asks the kernel as the parent (no /proc: the workload may run in a PID namespace without its own /proc).
+ * WNOWAIT leaves the stop reportable for the next VERIFY. */
+static int check_stopped(struct vctx *v, char *d)
+{
+	siginfo_t si;
+
+	(void)v;
+	memset(&si, 0, sizeof(si));
+	if (waitid(P_PID, (id_t)g.stopped, &si, WSTOPPED | WNOHANG | WNOWAIT) < 0)
+		FAILF("stopped child %d: waitid: %s", g.stopped, strerror(errno));
+	if (si.si_pid != g.stopped)
+		FAILF("child %d is not stopped (it runs)", g.stopped);
+	if (si.si_code != CLD_STOPPED)
+		FAILF("child %d: si_code %d, want CLD_STOPPED", g.stopped, si.si_code);
+	return 0;
+}
+
+static int check_linked(struct vctx *v, char *d)
+{
+	unsigned char buf[LINKED_SIZE];
+	struct stat st, other;
+	long bad;
+
+	(void)v;
+	if (access(g.path_linked, F_OK) == 0)
+		FAILF("unlinked name %s exists again", g.path_linked);
+	if (fstat(g.fd_linked, &st) < 0 || st.st_nlink != 1 || st.st_size != (off_t)LINKED_SIZE)
+		FAILF("linked file: nlink %lu size %lld", (unsigned long)st.st_nlink, (long long)st.st_size);
+	if (stat(g.path_linked_other, &other) < 0 || other.st_ino != st.st_ino || other.st_dev != st.st_dev)
+		FAILF("the open file is no longer the one linked as %s", g.path_linked_other);
+	if (lseek(g.fd_linked, 0, SEEK_CUR) != LINKED_OFFSET)
+		FAILF("linked file offset %lld, want %d", (long long)lseek(g.fd_linked, 0, SEEK_CUR), LINKED_OFFSET);
+	if (pread(g.fd_linked, buf, sizeof(buf), 0) != (ssize_t)sizeof(buf))
+		FAILF("linked file short read");
+	if ((bad = check_pattern(buf, sizeof(buf), 0x37)) >= 0)
+		FAILF("linked file content differs at %ld", bad);
+	return 0;
+}
+
+/* Everything written so far arrives, in order; then the queue is filled again. */
+static int check_sendq(struct vctx *v, char *d)
+{
+	unsigned char buf[SENDQ_BUF];
+	long deadline = now_ms() + 3000;
+
+	(void)v;
+	if (g.sendq_sent <= g.sendq_checked)
+		FAILF("nothing was queued");
+	while (g.sendq_checked < g.sendq_sent) {
+		ssize_t n;
+		if (poll_one(g.sendq_r, POLLIN, deadline - now_ms()) <= 0)
+			FAILF("%llu of %llu queued bytes arrived",
+			      (unsigned long long)g.sendq_checked, (unsigned long long)g.sendq_sent);
+		n = recv(g.sendq_r, buf, sizeof(buf), MSG_DONTWAIT);
+		if (n <= 0)
+			FAILF("recv after %llu bytes: %s", (unsigned long long)g.sendq_checked,
+			      n == 0 ? "EOF" : strerror(errno));
+		for (ssize_t i = 0; i < n; i++)
+			if (buf[i] != sendq_byte(g.sendq_checked + (uint64_t)i))
+				FAILF("byte %llu differs", (unsigned long long)(g.sendq_checked + (uint64_t)i));
+		g.sendq_checked += (uint64_t)n;
+	}
+	if (sendq_fill() < 0)
+		FAILF("re-arm: %s", strerror(errno));
+	return 0;
+}
+
 typedef int (*check_fn)(struct vctx *, char *);
 
 static const check_fn checks[IT_COUNT] = {
 	check_memory, check_cpu, check_files, check_pipes, check_unix, check_shm, check_sem, check_msg,
 	check_cwd, check_handlers, check_pending, check_timers, check_terminal, check_creds,
-	check_pids_all, check_rlimits, check_hostname,
+	check_pids_all, check_rlimits, check_hostname, check_stopped, check_linked, check_sendq,
 };
 
 /* Appends the VERIFY reply to out (cap bytes). */
@@ -1687,6 +1855,10 @@ static void cleanup(void)
 	if (g.child > 0 && kill(g.child, SIGKILL) == 0)
 		while (waitpid(g.child, NULL, 0) < 0 && errno == EINTR)
 			;
+	if (g.stopped > 0 && kill(g.stopped, SIGKILL) == 0)
+		while (waitpid(g.stopped, NULL, 0) < 0 && errno == EINTR)
+			;
+	unlink(g.path_linked_other);
 	if (g.shm)
 		shmdt(g.shm);
 	if (g.shm_id >= 0)
@@ -1786,6 +1958,8 @@ static int init_paths(void)
 	path_in_dir(g.path_fifo, "fidelity.fifo");
 	path_in_dir(g.path_sock, "fidelity.sock");
 	path_in_dir(g.path_ghost, "fidelity-ghost.dat");
+	path_in_dir(g.path_linked, "fidelity-linked.dat");
+	path_in_dir(g.path_linked_other, "fidelity-linked-other.dat");
 	return 0;
 }
 
@@ -1793,7 +1967,8 @@ static void init_globals(void)
 {
 	g.shm_id = g.sem_id = g.msg_id = -1;
 	g.pty_m = g.pty_s = g.usock = -1;
-	g.fd_append = g.fd_ghost = -1;
+	g.fd_append = g.fd_ghost = g.fd_linked = -1;
+	g.sendq_w = g.sendq_r = -1;
 	g.ctl_lfd = g.echo_lfd = -1;
 	for (int i = 0; i < MAX_CTL; i++)
 		g.ctl[i].fd = -1;
@@ -1823,6 +1998,9 @@ static void setup_all(void)
 	setup_child();
 	setup_signals();
 	setup_files();
+	setup_linked_file();
+	setup_stopped();
+	setup_sendq();
 	setup_pipes();
 	setup_unix();
 	setup_sysv();

@@ -1,0 +1,1 @@
+"""Facts about this host that several commands need (CPU, mounts), and the one policy for each."""

@@ -1,0 +1,476 @@
+"""The source's migration flow without root or a network: a fake remote agent and fake CT operations
+record what the flow does, in order. Rollback order, the point of no return (a commit whose reply is
+lost never resumes the source), the frozen-time budget, and --recover in both branches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import psutil
+import pytest
+
+from vzpy.config import GlobalConfig
+from vzpy.container import Container, RunState
+from vzpy.errors import ChkpntError, VzError
+from vzpy.migrate import (
+    ConnectionBroken,
+    CopyFailed,
+    MigrateUsage,
+    MigrationLocked,
+    RestoreFailed,
+    fault,
+    flow,
+    marker,
+)
+from vzpy.migrate.ssh import Target
+from vzpy.stage import Stage
+
+CTID = "101"
+HOST = "10.0.0.2"
+
+
+@dataclass
+class World:
+    """What happened, in order: ("src", what) for the source CT, ("dst", op) for agent calls."""
+
+    journal: list[tuple[str, str]] = field(default_factory=list)
+    fail: dict[str, BaseException] = field(default_factory=dict)  # agent op -> raised instead of doing it
+    lose_reply: set[str] = field(default_factory=set)  # agent ops done, whose reply is lost
+    committed: bool = False
+    usable: bool = True
+    remote_state: str = "prepared"  # what recover_state says
+
+    def did(self, side: str, what: str) -> None:
+        self.journal.append((side, what))
+
+    def names(self, side: str) -> list[str]:
+        return [what for s, what in self.journal if s == side]
+
+
+class FakeAgent:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.hello: dict[str, Any] = {}
+
+    @property
+    def usable(self) -> bool:
+        return self.world.usable
+
+    def _call(self, op: str, result: Any = None, commit: bool = False) -> Any:
+        world = self.world
+        if not world.usable:
+            raise ConnectionBroken(f"connection unusable ({op})")
+        world.did("dst", op)
+        if op in world.fail:
+            error = world.fail[op]
+            if isinstance(error, ConnectionBroken):
+                world.usable = False
+            raise error
+        if commit:
+            world.committed = True
+        if op in world.lose_reply:
+            world.usable = False
+            raise ConnectionBroken(f"the destination closed the connection during {op}")
+        return result
+
+    def ct_exists(self, ctid: str, ips: Any = (), *, timeout: float | None = None) -> dict[str, Any]:
+        return self._call("ct_exists", {"exists": self.world.committed, "ips_in_use": {}})
+
+    def prepare(self, ctid: str, conf_text: str, *, token: str, keep_dst: bool = False) -> dict[str, Any]:
+        return self._call("prepare", {"private": "/vz/private/101", "images_dir": "/vz/dump/Migrate.101/images"})
+
+    def page_server_start(self, ctid: str, subdir: str = "") -> int:
+        return self._call("page_server_start", 4321)
+
+    def page_server_wait(self, ctid: str, subdir: str = "", timeout: float = 600) -> int:
+        return self._call("page_server_wait", 1000)
+
+    def page_server_stop(self, ctid: str, subdir: str = "", *, timeout: float | None = None) -> None:
+        self._call("page_server_stop")
+
+    def put_images(self, ctid: str, files: Any, *, timeout: float | None = None) -> int:
+        return self._call("put_images", len(files))
+
+    def restore(self, ctid: str, fs_fingerprint: Any, *, timeout: float = 600) -> int:
+        return self._call("restore", 77)
+
+    def resume(self, ctid: str, *, timeout: float) -> dict[str, Any]:
+        return self._call("resume", {"announced": ["eth0"], "frozen": 0.5}, commit=True)
+
+    def start(self, ctid: str, *, start: bool, timeout: float) -> dict[str, Any]:
+        return self._call("start", {}, commit=True)
+
+    def cleanup(self, ctid: str, keep_dst: bool | None = None, *, wait: float | None = None) -> list[str]:
+        return self._call("cleanup", [])
+
+    def recover_state(self, ctid: str, *, wait: float) -> dict[str, Any]:
+        return self._call("recover_state", {"state": "committed" if self.world.committed else self.world.remote_state})
+
+    def recover_commit(self, ctid: str, *, start: bool) -> dict[str, Any]:
+        return self._call("recover_commit", {"woken": True})
+
+    def close(self) -> None:
+        self.world.did("dst", "bye")
+
+
+class FakeLink:
+    def __init__(self, world: World) -> None:
+        self.agent = FakeAgent(world)
+        self.session = SimpleNamespace(openssh=lambda **kw: "openssh")
+        self.world = world
+
+    def close(self) -> None:
+        self.agent.close()
+
+
+class FakeTunnel:
+    local_port = 5555
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def start(self) -> FakeTunnel:
+        self.world.did("src", "tunnel up")
+        return self
+
+    def close(self) -> None:
+        self.world.did("src", "tunnel down")
+
+
+@pytest.fixture
+def gconf(tmp_path: Path) -> GlobalConfig:
+    conf = tmp_path / "vz.conf"
+    keys = {
+        "VE_ROOT": f"{tmp_path}/root/$VEID",
+        "VE_PRIVATE": f"{tmp_path}/private/$VEID",
+        "CONFDIR": f"{tmp_path}/conf",
+        "DUMPDIR": f"{tmp_path}/dump",
+        "LOCKDIR": f"{tmp_path}/lock",
+    }
+    conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
+    return GlobalConfig.load(conf)
+
+
+def make_ct(gconf: GlobalConfig, stage: Stage = Stage.RUNNING) -> Container:
+    gconf.confdir.mkdir(parents=True, exist_ok=True)
+    gconf.ct_conf_path(CTID).write_text('HOSTNAME="web"\nIP_ADDRESS="10.0.0.101"\n')
+    ct = Container(CTID, gconf)
+    (ct.private / "etc").mkdir(parents=True)
+    set_stage(ct, stage)
+    return ct
+
+
+def set_stage(ct: Container, stage: Stage) -> None:
+    """A live stage is held by this test process standing in for the CT's init."""
+    me = psutil.Process()
+    ct.save_state(RunState(stage=stage, init_pid=me.pid, init_started=me.create_time()))
+
+
+@pytest.fixture
+def world(gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
+    w = World()
+
+    def source(what: str, stage: Stage | None = None) -> Any:
+        def act(ct: Container, *args: Any, **kw: Any) -> None:
+            w.did("src", what)
+            if stage is not None:
+                set_stage(ct, stage)
+            if what in w.fail:
+                raise w.fail[what]
+
+        return act
+
+    checkpoint = SimpleNamespace(
+        suspend=source("suspend", Stage.SUSPENDED),
+        wake=source("wake", Stage.RUNNING),
+        dump_images=source("dump"),
+        memory_usage=lambda ct: 1 << 20,
+        fs_fingerprint=lambda ct: {"files": {}},
+    )
+    lifecycle = SimpleNamespace(
+        stop=source("stop", Stage.STOPPED), start=source("start", Stage.RUNNING), kill=source("kill", Stage.STOPPED)
+    )
+    monkeypatch.setattr(flow, "checkpoint", checkpoint)
+    monkeypatch.setattr(flow, "lifecycle", lifecycle)
+    monkeypatch.setattr(flow, "connect", lambda options: (w.did("dst", "connect"), FakeLink(w))[1])
+    monkeypatch.setattr(flow, "OpenSshTunnel", lambda ssh, port: FakeTunnel(w))
+    monkeypatch.setattr(flow, "check", lambda *a, **kw: [])
+    monkeypatch.setattr(flow, "disk_usage", lambda path: 0)
+    monkeypatch.setattr(flow, "dump_blockers", lambda ct: [])
+
+    def sync_tree(source_dir: Path, dest: str, ssh: Any, **kw: Any) -> Any:
+        w.did("src", "sync")
+        if "sync" in w.fail:
+            raise w.fail["sync"]
+        return SimpleNamespace(bytes=10)
+
+    monkeypatch.setattr(flow, "sync_tree", sync_tree)
+    monkeypatch.delenv(fault.ENV, raising=False)
+    yield w
+
+
+def options(online: bool = True, **kw: Any) -> flow.MigrateOptions:
+    return flow.MigrateOptions(target=Target("root", HOST), online=online, **kw)
+
+
+def run(ct: Container, online: bool = True, **kw: Any) -> flow.Summary:
+    return flow.Migration(ct, options(online, **kw), progress=lambda message: None).run()
+
+
+# --- success ---------------------------------------------------------------------------------------------
+
+
+def test_online_success_runs_every_step_in_order_and_retires_the_source(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    summary = run(ct)
+    assert world.names("dst") == [
+        "connect",
+        "ct_exists",
+        "prepare",
+        "page_server_start",
+        "page_server_wait",
+        "put_images",
+        "restore",
+        "resume",
+        "bye",
+    ]
+    assert world.names("src") == ["tunnel up", "sync", "suspend", "dump", "sync", "tunnel down", "kill"]
+    assert summary.announced == ["eth0"] and summary.warnings == []
+    assert not ct.conf_path.exists() and ct.conf_path.with_name(f"{CTID}.conf.migrated").exists()
+    assert not ct.private.exists()
+    assert not marker.path(gconf, CTID).exists()
+
+
+# --- before the point of no return: roll back ----------------------------------------------------------------
+
+
+def test_a_failed_restore_cleans_the_destination_before_the_source_resumes(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    world.fail["restore"] = RestoreFailed("criu restore failed")
+    with pytest.raises(RestoreFailed):
+        run(ct)
+    after = world.journal[world.journal.index(("dst", "restore")) + 1 :]
+    # the restored (frozen) copy there goes first, then the source wakes, then the tunnel and the rest
+    assert after[:3] == [("dst", "cleanup"), ("src", "wake"), ("src", "tunnel down")]
+    assert after.count(("src", "wake")) == 1
+    assert ("dst", "resume") not in world.journal
+    assert ct.stage() is Stage.RUNNING and ct.conf_path.exists()
+    assert not marker.path(gconf, CTID).exists()
+
+
+@pytest.mark.parametrize(
+    ("online", "step"),
+    [
+        (True, "prepare"),
+        (True, "tunnel"),
+        (True, "sync"),
+        (True, "suspend"),
+        (True, "final-sync"),
+        (True, "dump"),
+        (True, "copy-images"),
+        (True, "restore"),
+        (True, "resume"),
+        (False, "sync"),
+        (False, "stop"),
+        (False, "final-sync"),
+        (False, "start"),
+    ],
+)
+def test_an_injected_failure_before_the_commit_leaves_the_ct_running_here(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch, online: bool, step: str
+) -> None:
+    ct = make_ct(gconf)
+    monkeypatch.setenv(fault.ENV, f"source:fail:{step}")
+    with pytest.raises(fault.InjectedFault):
+        run(ct, online)
+    assert ct.stage() is Stage.RUNNING and ct.conf_path.exists()
+    assert not world.committed and (("dst", "cleanup") in world.journal) == (step != "prepare")
+    assert world.names("src").count("wake") + world.names("src").count("start") <= 1
+    assert not marker.path(gconf, CTID).exists()
+
+
+def test_the_frozen_time_budget_aborts_and_resumes_the_source(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+
+    def slow_dump(ct: Container, *args: Any, **kw: Any) -> None:
+        world.did("src", "dump")
+        time.sleep(0.05)  # longer than the whole budget
+        raise ChkpntError(f"criu dump timed out after {kw['timeout']:.2f}s (CRIU killed)")
+
+    flow.checkpoint.dump_images = slow_dump
+    with pytest.raises(flow.FrozenTooLong, match=r"frozen for .* --max-frozen 0.03s") as info:
+        run(ct, max_frozen=0.03)
+    assert "dump" in info.value.message and "resumed here" in info.value.message
+    assert ct.stage() is Stage.RUNNING and ("dst", "restore") not in world.journal
+
+
+def test_a_definite_no_from_the_destination_rolls_back_after_the_commit_request(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    world.fail["resume"] = RestoreFailed("could not be resumed")  # an error reply: the agent uncommitted
+    with pytest.raises(RestoreFailed):
+        run(ct)
+    dst = world.names("dst")
+    assert dst[dst.index("resume") :][:3] == ["resume", "ct_exists", "cleanup"]  # asked, then rolled back
+    assert ct.stage() is Stage.RUNNING and not marker.path(gconf, CTID).exists()
+
+
+# --- the point of no return -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("committed", [True, False])
+def test_a_lost_reply_to_resume_never_resumes_the_source(gconf: GlobalConfig, world: World, committed: bool) -> None:
+    ct = make_ct(gconf)
+    if committed:
+        world.lose_reply.add("resume")  # resumed there, the reply lost
+    else:
+        world.fail["resume"] = ConnectionBroken("the link dropped before the request arrived")
+    with pytest.raises(flow.OutcomeInDoubt) as info:
+        run(ct)
+    assert f"vzpy migrate --recover root@{HOST} {CTID}" in info.value.message
+    assert info.value.exit_code == ConnectionBroken.exit_code
+    suspended_at = world.journal.index(("src", "suspend"))
+    assert ("src", "wake") not in world.journal[suspended_at:]
+    assert ("dst", "cleanup") not in world.journal
+    assert ct.stage() is Stage.SUSPENDED and ct.conf_path.exists()
+    record = json.loads(marker.path(gconf, CTID).read_text())
+    assert record["host"] == f"root@{HOST}" and record["online"] is True
+
+
+def test_the_marker_is_written_before_the_commit_request_is_sent(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    seen: list[bool] = []
+    resume = FakeAgent.resume
+
+    def watching(self: FakeAgent, ctid: str, *, timeout: float) -> dict[str, Any]:
+        seen.append(marker.path(gconf, CTID).exists())
+        return resume(self, ctid, timeout=timeout)
+
+    FakeAgent.resume = watching  # type: ignore[method-assign]
+    try:
+        run(ct)
+    finally:
+        FakeAgent.resume = resume  # type: ignore[method-assign]
+    assert seen == [True] and not marker.path(gconf, CTID).exists()
+
+
+def test_offline_commit_with_a_lost_reply_leaves_the_source_stopped(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    world.lose_reply.add("start")
+    with pytest.raises(flow.OutcomeInDoubt, match="stays stopped"):
+        run(ct, online=False)
+    assert world.names("src") == ["sync", "stop", "sync"]
+    assert ct.stage() is Stage.STOPPED and json.loads(marker.path(gconf, CTID).read_text())["was_running"]
+
+
+def test_a_cleanup_failure_after_the_commit_is_a_warning(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    world.fail["kill"] = VzError("cannot kill")
+    summary = run(ct)
+    assert summary.frozen_seconds is not None
+    assert len(summary.warnings) == 1 and "vzpy migrate --recover" in summary.warnings[0]
+    # the copy here may still run: its files stay, and the marker keeps it from being resumed or started
+    assert marker.path(gconf, CTID).exists() and ct.conf_path.exists() and ct.private.exists()
+
+
+def test_a_ct_whose_migration_is_in_doubt_is_not_migrated_again(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf, Stage.STOPPED)
+    marker.write(gconf, marker.Marker("root@10.0.0.9", CTID, online=False, was_running=True))
+    with pytest.raises(MigrationLocked, match=f"vzpy migrate --recover root@10.0.0.9 {CTID}"):
+        run(ct, online=False)
+    assert world.journal == []
+
+
+# --- --recover --------------------------------------------------------------------------------------------
+
+
+def in_doubt(gconf: GlobalConfig, world: World, committed: bool) -> Container:
+    ct = make_ct(gconf, Stage.SUSPENDED)
+    marker.write(gconf, marker.Marker(f"root@{HOST}", CTID, online=True, was_running=True))
+    world.committed = committed
+    return ct
+
+
+def test_recover_after_the_destination_committed_retires_the_source(gconf: GlobalConfig, world: World) -> None:
+    ct = in_doubt(gconf, world, committed=True)
+    scratch = gconf.dumpdir / f".vzpy-migrate-{CTID}-abcd1234"
+    scratch.mkdir(parents=True)
+    said = flow.recover(ct, options(), progress=lambda message: None)
+    assert "runs on" in said
+    assert world.names("dst") == ["connect", "recover_state", "recover_commit", "bye"]
+    assert world.names("src") == ["kill"]
+    assert not ct.conf_path.exists() and not ct.private.exists() and not scratch.exists()
+    assert not marker.path(gconf, CTID).exists()
+
+
+def test_recover_when_the_destination_did_not_commit_resumes_the_source(gconf: GlobalConfig, world: World) -> None:
+    ct = in_doubt(gconf, world, committed=False)
+    said = flow.recover(ct, options(), progress=lambda message: None)
+    assert "runs here" in said
+    assert world.names("dst") == ["connect", "recover_state", "cleanup", "bye"]
+    assert world.names("src") == ["wake"] and ct.stage() is Stage.RUNNING
+    assert ct.conf_path.exists() and not marker.path(gconf, CTID).exists()
+
+
+def test_recover_asks_the_host_the_ct_went_to_and_no_other(gconf: GlobalConfig, world: World) -> None:
+    ct = in_doubt(gconf, world, committed=False)
+    other = flow.MigrateOptions(target=Target("root", "10.0.0.3"), online=True)
+    with pytest.raises(MigrateUsage, match=f"went to root@{HOST}.*vzpy migrate --recover root@{HOST} {CTID}"):
+        flow.recover(ct, other, progress=lambda message: None)
+    assert world.journal == [] and marker.path(gconf, CTID).exists()
+
+
+def test_recover_of_an_offline_migration_starts_the_source_again(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf, Stage.STOPPED)
+    marker.write(gconf, marker.Marker(f"root@{HOST}", CTID, online=False, was_running=True))
+    flow.recover(ct, options(online=False), progress=lambda message: None)
+    assert world.names("src") == ["start"] and not marker.path(gconf, CTID).exists()
+
+
+def test_a_new_migration_removes_scratch_dirs_of_killed_ones(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    ours = gconf.dumpdir / f".vzpy-migrate-{CTID}-k1ll3d00"
+    other = gconf.dumpdir / f".vzpy-migrate-{CTID}1-k1ll3d00"  # CT 1011's
+    ours.mkdir(parents=True)
+    other.mkdir()
+    run(ct)
+    assert not ours.exists() and other.exists()
+
+
+def test_fault_specs() -> None:
+    assert fault.parse("source:before:dump, agent:after:resume,bogus,x:y:z") == {
+        ("source", "before", "dump"),
+        ("agent", "after", "resume"),
+    }
+    assert fault.agent_part("source:before:dump,agent:after:resume") == "agent:after:resume"
+    fault.hit("", "source", "before", "dump")  # nothing set: nothing happens
+    with pytest.raises(fault.InjectedFault):
+        fault.hit("source:fail:dump", "source", "fail", "dump")
+    assert os.getpid() > 0  # still alive: no spec for this point
+
+
+def test_copy_failed_is_not_ambiguous() -> None:
+    assert not isinstance(CopyFailed("x"), flow.AMBIGUOUS)
+
+
+def loaded_modules(module: str) -> set[str]:
+    code = f"import sys, {module}; print(' '.join(sys.modules))"
+    return set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+
+
+def test_no_import_cycle_the_source_never_loads_the_agent_nor_the_agent_the_source() -> None:
+    source = loaded_modules("vzpy.migrate.flow")
+    assert "vzpy.migrate.remote" in source
+    assert not {"vzpy.migrate.agent", "vzpy.migrate.ops", "vzpy.migrate.session"} & source
+    agent = loaded_modules("vzpy.migrate.agent")
+    assert "vzpy.migrate.ops" in agent and not {"vzpy.migrate.flow", "vzpy.migrate.remote"} & agent

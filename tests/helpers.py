@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -122,3 +123,25 @@ def ns_pids(pid: int) -> list[int]:
     """The pid of `pid` in each nested PID namespace, outermost first (the NSpid line)."""
     line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("NSpid:"))
     return [int(value) for value in line.split()[1:]]
+
+
+def read_pty(fd: int, until: bytes | None, timeout: float = 20) -> str:
+    """Read from a pty master until `until` shows up (failing the test after `timeout`), or until EOF/EIO
+    when it is None."""
+    chunks = b""
+    deadline = time.monotonic() + timeout
+    while until is None or until not in chunks:
+        if time.monotonic() > deadline:
+            if until is None:
+                break
+            raise AssertionError(f"no {until!r} from the pty; got {chunks!r}")
+        if not select.select([fd], [], [], 0.2)[0]:
+            continue
+        try:
+            data = os.read(fd, 4096)
+        except OSError:  # EIO: the other side closed
+            break
+        if not data:
+            break
+        chunks += data
+    return chunks.decode(errors="replace")

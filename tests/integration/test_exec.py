@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ from typing import TypeVar
 
 import pytest
 
-from helpers import VZPY, VzRoot, ns_pids
+from helpers import VZPY, VzRoot, ns_pids, read_pty
 
 pytestmark = pytest.mark.root
 
@@ -151,25 +150,6 @@ def test_daemon_started_from_an_enter_shell_is_checkpointable(running_ct, tmp_pa
 
     checkpoint_and_restore(vz, ctid)
     assert ct_pids_of(vz, ctid, "sleep 1236"), "the daemon did not come back with the restore"
-
-
-def read_pty(fd: int, until: bytes | None, timeout: float = 20) -> str:
-    """Read from a pty master until `until` shows up, or until EOF/EIO when it is None."""
-    chunks = b""
-    deadline = time.monotonic() + timeout
-    while until is None or until not in chunks:
-        if time.monotonic() > deadline:
-            pytest.fail(f"no {until!r} from the pty; got {chunks!r}")
-        if not select.select([fd], [], [], 0.2)[0]:
-            continue
-        try:
-            data = os.read(fd, 4096)
-        except OSError:  # EIO: the other side closed
-            break
-        if not data:
-            break
-        chunks += data
-    return chunks.decode(errors="replace")
 
 
 def test_chkpnt_names_a_non_root_task_before_freezing(running_ct) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import http_get, ns_pids
+from helpers import http_get, ns_pids, read_pty
 from vzpy.host import mounts
 
 pytestmark = pytest.mark.root
@@ -103,31 +102,14 @@ def test_enter_gives_a_shell_on_a_pty_inside(running_ct) -> None:
     if pid == 0:
         os.execve(sys.executable, [sys.executable, "-m", "vzpy", "enter", ctid], vz.env)
     try:
-        banner = _read_pty(master, until=b"# ", timeout=15)
+        banner = read_pty(master, until=b"# ", timeout=15)
         assert "root@ct101" in banner, banner
         os.write(master, b"echo TTY=$(tty) HOST=$(hostname); exit 3\r")
-        output = _read_pty(master, until=None, timeout=15)
+        output = read_pty(master, until=None, timeout=15)
     finally:
         _, status = os.waitpid(pid, 0)
     assert "TTY=/dev/pts/0 HOST=ct101.test" in output, output
     assert os.waitstatus_to_exitcode(status) == 3
-
-
-def _read_pty(fd: int, until: bytes | None, timeout: float) -> str:
-    """Read from a pty master until `until` shows up, or until EOF/EIO when it is None."""
-    chunks = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and (until is None or until not in chunks):
-        if not select.select([fd], [], [], 0.2)[0]:
-            continue
-        try:
-            data = os.read(fd, 4096)
-        except OSError:  # EIO: the other side closed
-            break
-        if not data:
-            break
-        chunks += data
-    return chunks.decode(errors="replace")
 
 
 def test_set_applies_live_and_saves(running_ct) -> None:

@@ -169,22 +169,6 @@ def _wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 6
     raise AssertionError(f"{text!r} never showed; output:\n{''.join(seen)}")
 
 
-def _kill_ssh_sessions(host: TestHost) -> int:
-    """SIGKILL the sshd session processes of `host` (not its listener): the network link drops."""
-    netns = os.stat(f"/proc/{host.sshd_pid}/ns/net").st_ino
-    killed = 0
-    for pid_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes()
-            same_ns = os.stat(pid_dir / "ns" / "net").st_ino == netns
-        except OSError:
-            continue
-        if same_ns and cmdline.startswith(b"sshd") and int(pid_dir.name) != host.sshd_pid:
-            os.kill(int(pid_dir.name), signal.SIGKILL)
-            killed += 1
-    return killed
-
-
 def _wait_until(condition, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -201,7 +185,7 @@ def test_a_dropped_ssh_link_rolls_back_to_the_source(host_a, host_b, workload_ct
     _add_big_file(host_a)
     migration = _start_migration(host_a, host_b)
     _wait_for_line(migration, "sync files ...")
-    assert _kill_ssh_sessions(host_b) > 0
+    assert host_b.drop_ssh_sessions() > 0
     output = migration.communicate(timeout=120)[0]
     assert migration.returncode != 0, output
     assert status(host_a) == "running"

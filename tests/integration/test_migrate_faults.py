@@ -213,22 +213,6 @@ def test_offline_start_reply_lost(host_a, host_b, ct_on_a) -> None:
 # --- the link dropped right after the commit request ----------------------------------------------------------
 
 
-def _kill_ssh_sessions(host: TestHost) -> int:
-    """SIGKILL the sshd session processes of `host` (not its listener): the network link drops."""
-    netns = os.stat(f"/proc/{host.sshd_pid}/ns/net").st_ino
-    killed = 0
-    for pid_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (pid_dir / "cmdline").read_bytes()
-            same_ns = os.stat(pid_dir / "ns" / "net").st_ino == netns
-        except OSError:
-            continue
-        if same_ns and cmdline.startswith(b"sshd") and int(pid_dir.name) != host.sshd_pid:
-            os.kill(int(pid_dir.name), signal.SIGKILL)
-            killed += 1
-    return killed
-
-
 @pytest.mark.parametrize("delay", [0.03, 0.1])
 def test_link_dropped_just_after_resume_on_destination(host_a, host_b, ct_on_a, delay: float) -> None:
     migration = host_a.popen(
@@ -245,7 +229,7 @@ def test_link_dropped_just_after_resume_on_destination(host_a, host_b, ct_on_a, 
     else:
         pytest.fail("resume on destination never started:\n" + "".join(seen))
     time.sleep(delay)
-    _kill_ssh_sessions(host_b)
+    host_b.drop_ssh_sessions()
     output = "".join(seen) + migration.communicate(timeout=120)[0]
     if migration.returncode == 0:  # the reply made it before the link went
         assert_runs_only_on(host_b, host_a)

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -241,6 +243,25 @@ class TestHost:
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket in the host's netns (it keeps the netns alive until closed)."""
         return netns_socket(netns_path(self.netns), family, kind)
+
+    def drop_ssh_sessions(self) -> int:
+        """SIGKILL this host's sshd session processes (not its listener), as a lost network link would end
+        them. Returns how many there were."""
+        if self.sshd_pid is None:
+            return 0
+        netns = os.stat(f"/proc/{self.sshd_pid}/ns/net").st_ino
+        killed = 0
+        for pid_dir in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (pid_dir / "cmdline").read_bytes()
+                same_ns = os.stat(pid_dir / "ns" / "net").st_ino == netns
+            except OSError:
+                continue
+            if same_ns and cmdline.startswith(b"sshd") and int(pid_dir.name) != self.sshd_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid_dir.name), signal.SIGKILL)
+                    killed += 1
+        return killed
 
     # setup
 

@@ -113,8 +113,6 @@ def test_dump_of_a_ct() -> None:
         network_lock=NetworkLock.NFTABLES,
         freeze_cgroup=Path("/sys/fs/cgroup/freezer/vzpy/101"),
         manage_cgroups=CgroupMode.SOFT,
-        external=["mnt[/data]:data"],
-        ghost_limit=4 << 20,
         timeout=20,
         notify_scripts=True,
         file_locks=True,
@@ -126,8 +124,6 @@ def test_dump_of_a_ct() -> None:
     assert opts.network_lock == rpc.NFTABLES
     assert opts.freeze_cgroup == "/sys/fs/cgroup/freezer/vzpy/101"
     assert opts.manage_cgroups_mode == rpc.SOFT
-    assert list(opts.external) == ["mnt[/data]:data"]
-    assert opts.ghost_limit == 4 << 20
     assert opts.timeout == 20
 
 
@@ -149,7 +145,6 @@ def test_dump_never_gets_restore_only_fields() -> None:
         pid=42,
         root=Path("/vz/root/101"),
         rst_sibling=True,
-        orphan_pts_master=True,
         veths={"eth0": "veth101.0@br0"},
         inherit_fd={"pipe:[1]": 5},
     )
@@ -182,9 +177,8 @@ def test_pre_dump_leaves_network_and_running_state_alone() -> None:
         tcp_established=True,
         network_lock=NetworkLock.IPTABLES,
         lazy_pages=True,
-        ghost_limit=1,
     )
-    for name in ("leave_running", "tcp_established", "network_lock", "lazy_pages", "ghost_limit"):
+    for name in ("leave_running", "tcp_established", "network_lock", "lazy_pages"):
         assert not sent(req, name), name
 
 
@@ -201,7 +195,6 @@ def test_restore_of_a_ct() -> None:
         CriuAction.RESTORE,
         root=Path("/vz/root/101"),
         rst_sibling=True,
-        orphan_pts_master=True,
         veths={"eth0": "veth101.0@br0"},
         inherit_fd={"pipe:[1234]": 5},
         tcp_established=True,
@@ -211,7 +204,7 @@ def test_restore_of_a_ct() -> None:
     )
     opts = req.opts
     assert opts.root == "/vz/root/101"
-    assert opts.rst_sibling and opts.orphan_pts_master and opts.tcp_established and opts.lazy_pages
+    assert opts.rst_sibling and opts.tcp_established and opts.lazy_pages
     assert [(v.if_in, v.if_out) for v in opts.veths] == [("eth0", "veth101.0@br0")]
     assert [(i.key, i.fd) for i in opts.inherit_fd] == [("pipe:[1234]", 5)]
     assert opts.network_lock == rpc.NFTABLES
@@ -228,9 +221,8 @@ def test_restore_never_gets_dump_only_fields() -> None:
         track_mem=True,
         parent_img="../1",
         page_server=("10.0.0.2", 1),
-        ghost_limit=1,
     )
-    for name in ("pid", "leave_running", "freeze_cgroup", "track_mem", "parent_img", "ps", "ghost_limit"):
+    for name in ("pid", "leave_running", "freeze_cgroup", "track_mem", "parent_img", "ps"):
         assert not sent(req, name), name
 
 

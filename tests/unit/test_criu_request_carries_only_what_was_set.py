@@ -26,17 +26,12 @@ EVERYTHING_SET: dict[str, Any] = {
     "root": Path("/vz/root/101"),
     "leave_running": True,
     "tcp_established": True,
-    "tcp_skip_in_flight": True,
-    "ext_unix_sk": True,
-    "shell_job": True,
     "file_locks": True,
     "link_remap": True,
-    "evasive_devices": True,
     "manage_cgroups": CgroupMode.SOFT,
     "cgroup_roots": {"": "/vzpy/101"},
     "freeze_cgroup": Path("/sys/fs/cgroup/freezer/vzpy/101"),
     "network_lock": NetworkLock.NFTABLES,
-    "external": ["mnt[/x]:y"],
     "veths": {"eth0": "veth101.0"},
     "inherit_fd": {"pipe:[1]": 5},
     "notify_scripts": True,
@@ -45,12 +40,9 @@ EVERYTHING_SET: dict[str, Any] = {
     "page_server": ("10.0.0.2", 1234),
     "lazy_pages": True,
     "rst_sibling": True,
-    "orphan_pts_master": True,
-    "ghost_limit": 1 << 20,
     "timeout": 30,
-    "auto_dedup": True,
 }
-SHARED_TREE_FIELDS = {"notify_scripts", "shell_job", "ext_unix_sk", "file_locks", "auto_dedup", "external"}
+SHARED_TREE_FIELDS = {"notify_scripts", "file_locks"}
 SHARED_TREE_FIELDS |= {"manage_cgroups_mode", "cg_root"}
 DUMP_ONLY_FIELDS = {"pid", "freeze_cgroup", "track_mem", "parent_img", "timeout"}
 
@@ -78,14 +70,14 @@ def test_a_request_with_nothing_optional_set_carries_only_the_fields_its_action_
 
 
 def test_a_restore_carries_only_restore_options_even_when_every_option_is_set() -> None:
-    restore_fields = {"root", "rst_sibling", "orphan_pts_master", "veths", "inherit_fd"}
+    restore_fields = {"root", "rst_sibling", "veths", "inherit_fd"}
     network_fields = {"tcp_established", "network_lock", "lazy_pages"}
     expected = EVERY_ACTION_FIELD | SHARED_TREE_FIELDS | restore_fields | network_fields
     assert fields_sent(CriuAction.RESTORE, **EVERYTHING_SET) == expected
 
 
 def test_a_dump_carries_only_dump_options_even_when_every_option_is_set() -> None:
-    dump_fields = {"leave_running", "tcp_skip_in_flight", "link_remap", "evasive_devices", "ghost_limit", "ps"}
+    dump_fields = {"leave_running", "link_remap", "ps"}
     network_fields = {"tcp_established", "network_lock", "lazy_pages"}
     expected = EVERY_ACTION_FIELD | SHARED_TREE_FIELDS | DUMP_ONLY_FIELDS | dump_fields | network_fields
     assert fields_sent(CriuAction.DUMP, **EVERYTHING_SET) == expected

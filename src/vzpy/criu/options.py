@@ -90,18 +90,10 @@ class CriuOptions:
     leave_running: bool = False
     # Dump/restore established TCP connections (needs TCP repair and a network lock).
     tcp_established: bool = False
-    # Skip connections still in the handshake instead of failing the dump.
-    tcp_skip_in_flight: bool = False
-    # Allow unix sockets whose peer is outside the tree.
-    ext_unix_sk: bool = False
-    # The tree belongs to a shell job: its session and process group are outside it.
-    shell_job: bool = False
     # Dump/restore file locks (flock, posix, ofd).
     file_locks: bool = False
     # Allow linking deleted-but-open files back into the filesystem to dump them.
     link_remap: bool = False
-    # Allow device files to be dumped by path when CRIU cannot map them otherwise.
-    evasive_devices: bool = False
     # How CRIU treats cgroups (None: CRIU's default, soft).
     manage_cgroups: CgroupMode | None = None
     # Restore into another cgroup than the dumped one: controller ("" for all) -> path.
@@ -110,8 +102,6 @@ class CriuOptions:
     freeze_cgroup: Path | None = None
     # How CRIU blocks the CT's network while it is dumped/restored.
     network_lock: NetworkLock | None = None
-    # External resources, as criu --external takes them: "mnt[KEY]:VAL", "veth[IF]:HOST@BR", "dev[...]"...
-    external: list[str] = field(default_factory=list)
     # veth pairs to recreate on restore: CT interface name -> host interface name, optionally "@bridge".
     veths: dict[str, str] = field(default_factory=dict)
     # Resources the restored tree gets from fds we hold: CRIU key (e.g. "pipe:[1234]") -> our fd.
@@ -129,14 +119,8 @@ class CriuOptions:
     lazy_pages: bool = False
     # Restore the tree's root as our child instead of a child of CRIU (then we must reap it).
     rst_sibling: bool = False
-    # Send the master side of a pty whose master was outside the tree (orphan-pts-master notify).
-    orphan_pts_master: bool = False
-    # Largest deleted-but-open file CRIU copies into the images, bytes (CRIU's default: 1 MiB).
-    ghost_limit: int | None = None
     # Seconds CRIU may take to freeze the tree (CRIU's default: 10).
     timeout: int | None = None
-    # Punch holes in parent images' pages once they are copied forward (saves space with pre-dumps).
-    auto_dedup: bool = False
     # For CriuAction.FEATURE_CHECK: which of RPC_FEATURES to ask about.
     features: tuple[str, ...] = RPC_FEATURES
 
@@ -217,7 +201,7 @@ def build_request(action: CriuAction, opts: CriuOptions, dirs: DirFds | None = N
     if action in DUMPS:
         _set_dump(req.opts, action, opts)
     if action is CriuAction.RESTORE:
-        _set_restore(req.opts, rpc, opts)
+        _set_restore(req.opts, opts)
     return req
 
 
@@ -240,10 +224,9 @@ def _set_page_server(msg: Any, action: CriuAction, opts: CriuOptions) -> None:
 
 def _set_tree(msg: Any, rpc: Any, action: CriuAction, opts: CriuOptions) -> None:
     """Options shared by dump, pre-dump and restore."""
-    for name in ("notify_scripts", "shell_job", "ext_unix_sk", "file_locks", "auto_dedup"):
+    for name in ("notify_scripts", "file_locks"):
         if getattr(opts, name):
             setattr(msg, name, True)
-    msg.external.extend(opts.external)
     if opts.manage_cgroups is not None:
         msg.manage_cgroups_mode = rpc.criu_cg_mode.Value(CGROUP_MODES[opts.manage_cgroups])
     for controller, path in opts.cgroup_roots.items():
@@ -281,22 +264,16 @@ def _set_dump(msg: Any, action: CriuAction, opts: CriuOptions) -> None:
         return
     if opts.leave_running:
         msg.leave_running = True
-    for name in ("tcp_skip_in_flight", "link_remap", "evasive_devices"):
-        if getattr(opts, name):
-            setattr(msg, name, True)
-    if opts.ghost_limit is not None:
-        msg.ghost_limit = opts.ghost_limit
+    if opts.link_remap:
+        msg.link_remap = True
 
 
-def _set_restore(msg: Any, rpc: Any, opts: CriuOptions) -> None:
+def _set_restore(msg: Any, opts: CriuOptions) -> None:
     if opts.root is not None:
         msg.root = str(opts.root)
     # rst_sibling only when the caller reaps the restored root: it becomes the caller's child.
     if opts.rst_sibling:
         msg.rst_sibling = True
-    # orphan_pts_master only for a CT whose console master side lived outside it.
-    if opts.orphan_pts_master:
-        msg.orphan_pts_master = True
     for inside, outside in opts.veths.items():
         msg.veths.add(if_in=inside, if_out=outside)
     # inherit_fd: these fds must also exist in the swrk process (rpc passes them at the same numbers).

@@ -184,7 +184,6 @@ def test_copy_falls_back(tmp_path: Path, images: Path, monkeypatch: Any, unavail
 
 
 def test_compressed_round_trip(tmp_path: Path, images: Path) -> None:
-    pytest.importorskip("zstandard")
     fs = tmp_path / "fs.tar.zst"
     fs.write_bytes(PAGES)
     path = tmp_path / "ct.dump"
@@ -200,7 +199,6 @@ def test_compressed_round_trip(tmp_path: Path, images: Path) -> None:
 
 
 def test_a_flipped_byte_in_a_compressed_member_is_refused(tmp_path: Path, images: Path) -> None:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     member = dumpfile.write_dumpfile(path, images, manifest(), compress=True).members["pages-1.img"]
     flip(path, member.offset + member.stored_size // 2)
@@ -210,7 +208,6 @@ def test_a_flipped_byte_in_a_compressed_member_is_refused(tmp_path: Path, images
 
 
 def test_a_compressed_member_longer_than_its_manifest_entry_is_refused(tmp_path: Path, images: Path) -> None:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     dumpfile.write_dumpfile(path, images, manifest(), compress=True)
     real = len(PAGES)
@@ -222,7 +219,6 @@ def test_a_compressed_member_longer_than_its_manifest_entry_is_refused(tmp_path:
 
 
 def test_a_compressed_member_shorter_than_its_manifest_entry_is_refused(tmp_path: Path, images: Path) -> None:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     dumpfile.write_dumpfile(path, images, manifest(), compress=True)
     real = len(PAGES)
@@ -235,7 +231,6 @@ def test_a_compressed_member_shorter_than_its_manifest_entry_is_refused(tmp_path
 def test_a_write_error_while_decompressing_is_refused_and_cleaned_up(
     tmp_path: Path, images: Path, monkeypatch: Any
 ) -> None:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     dumpfile.write_dumpfile(path, images, manifest(), compress=True)
 
@@ -480,8 +475,6 @@ def small_images(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
 def test_a_flipped_byte_anywhere_in_a_dump_file_is_refused(tmp_path: Path, small_images: Path, compress: bool) -> None:
-    if compress:
-        pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     dumpfile.write_dumpfile(path, small_images, manifest(), compress=compress)
     pristine = path.read_bytes()
@@ -781,7 +774,6 @@ def test_a_source_the_hasher_sees_at_another_size_is_refused(tmp_path: Path, ima
 def test_a_source_that_changes_size_while_it_is_compressed_is_refused(
     tmp_path: Path, images: Path, monkeypatch: Any, new_size: int
 ) -> None:
-    pytest.importorskip("zstandard")
     real_collect = writer._collect_sources
 
     def collect_then_resize(*args: Any) -> Any:
@@ -795,7 +787,6 @@ def test_a_source_that_changes_size_while_it_is_compressed_is_refused(
 
 
 def test_an_incompressible_member_leaves_zero_padding(tmp_path: Path, small_images: Path) -> None:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     written = dumpfile.write_dumpfile(path, small_images, manifest(), compress=True)
     core = written.members["core-1.img"]
@@ -829,7 +820,6 @@ def test_a_byte_before_the_trailer_of_a_dump_without_members_is_refused(tmp_path
 
 
 def compressed_dump(tmp_path: Path, images: Path) -> tuple[Path, Any]:
-    pytest.importorskip("zstandard")
     path = tmp_path / "ct.dump"
     member = dumpfile.write_dumpfile(path, images, manifest(), compress=True).members["pages-1.img"]
     assert member.codec == "zstd" and (member.offset + member.stored_size) % 4096

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from vzpy.dumpfile import reader
 from vzpy.dumpfile.format import (
@@ -278,7 +279,6 @@ def test_a_one_byte_content_size_and_a_lone_rle_block_are_read(tmp_path: Path) -
 
 
 def test_a_frame_with_a_content_checksum_is_read(tmp_path: Path) -> None:
-    zstandard = pytest.importorskip("zstandard")
     content = bytes(range(256)) * 64
     frame = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(content)
     assert frame[4] & 0x04, "the frame carries a checksum"

@@ -44,6 +44,22 @@ VZPY = shutil.which("vzpy") or "/usr/local/sbin/vzpy"
 _ip_counter = iter(range(10, 250))
 
 
+def write_vz_conf(conf: Path, base: Path, **keys: str) -> Path:
+    """A vz.conf at `conf` whose CT areas and vzpy directories all lie under `base`; `keys` add or override."""
+    values = {
+        "VE_ROOT": f"{base}/root/$VEID",
+        "VE_PRIVATE": f"{base}/private/$VEID",
+        "CONFDIR": f"{base}/conf",
+        "DUMPDIR": f"{base}/dump",
+        "TEMPLATE": f"{base}/template",
+        "LOCKDIR": f"{base}/lock",
+        **keys,
+    }
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text("".join(f'{key}="{value}"\n' for key, value in values.items()))
+    return conf
+
+
 class VzRoot:
     """A private vz.conf and /vz tree; `run` calls the real `vzpy` command line against it."""
 
@@ -53,18 +69,13 @@ class VzRoot:
         # unique per test process: parallel test runs on one machine never share a host veth name
         self.veth_prefix = f"vt{os.getpid() % 100000}x"
         self.conf = base / "etc" / "vz.conf"
-        self.conf.parent.mkdir(parents=True)
-        keys = {
-            "VE_ROOT": f"{base}/root/$VEID",
-            "VE_PRIVATE": f"{base}/private/$VEID",
-            "CONFDIR": f"{base}/etc/conf",
-            "DUMPDIR": f"{base}/dump",
-            "TEMPLATE": f"{base}/template",
-            "LOCKDIR": f"{base}/lock",
-            "CGROUP_PARENT": self.cgroup_parent,
-            "VETH_PREFIX": self.veth_prefix,
-        }
-        self.conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
+        write_vz_conf(
+            self.conf,
+            base,
+            CONFDIR=f"{base}/etc/conf",
+            CGROUP_PARENT=self.cgroup_parent,
+            VETH_PREFIX=self.veth_prefix,
+        )
         self.env = {**os.environ, "VZPY_CONF": str(self.conf)}
 
     def run(self, *args: str, check: bool = False, timeout: float = 60, **kw: object) -> subprocess.CompletedProcess:

@@ -20,8 +20,9 @@ from typing import Any
 import psutil
 import pytest
 
+from helpers import write_vz_conf
 from vzpy import checkpoint, linkremap, scratch, stage
-from vzpy.config import GLOBAL_DEFAULTS, GlobalConfig
+from vzpy.config import GlobalConfig
 from vzpy.container import Container, RunState
 from vzpy.criu import CriuOptions
 from vzpy.errors import ChkpntError, MigrationInDoubt, NotRunning, RestoreError, WrongStage
@@ -128,15 +129,7 @@ class World:
 
 
 def _gconf(tmp_path: Path) -> GlobalConfig:
-    values = {
-        **GLOBAL_DEFAULTS,
-        "VE_ROOT": f"{tmp_path}/root/$VEID",
-        "VE_PRIVATE": f"{tmp_path}/private/$VEID",
-        "CONFDIR": f"{tmp_path}/conf",
-        "DUMPDIR": f"{tmp_path}/dump",
-        "LOCKDIR": f"{tmp_path}/lock",
-    }
-    return GlobalConfig(path=tmp_path / "vz.conf", values=values, exists=True)
+    return GlobalConfig.load(write_vz_conf(tmp_path / "vz.conf", tmp_path))
 
 
 def _running_state() -> RunState:

@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from helpers import write_vz_conf
 from vzpy.config import GlobalConfig
 from vzpy.container import Container, RunState
 from vzpy.errors import ChkpntError, VzError
@@ -148,16 +149,7 @@ class FakeTunnel:
 
 @pytest.fixture
 def gconf(tmp_path: Path) -> GlobalConfig:
-    conf = tmp_path / "vz.conf"
-    keys = {
-        "VE_ROOT": f"{tmp_path}/root/$VEID",
-        "VE_PRIVATE": f"{tmp_path}/private/$VEID",
-        "CONFDIR": f"{tmp_path}/conf",
-        "DUMPDIR": f"{tmp_path}/dump",
-        "LOCKDIR": f"{tmp_path}/lock",
-    }
-    conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
-    return GlobalConfig.load(conf)
+    return GlobalConfig.load(write_vz_conf(tmp_path / "vz.conf", tmp_path))
 
 
 def make_ct(gconf: GlobalConfig, stage: Stage = Stage.RUNNING) -> Container:

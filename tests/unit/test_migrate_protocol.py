@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_vz_conf
 from vzpy.config import GlobalConfig
 from vzpy.lock import ct_lock
 from vzpy.migrate import (
@@ -154,16 +155,7 @@ def test_error_replies_come_back_as_their_exit_codes_class() -> None:
 
 @pytest.fixture
 def vz(tmp_path: Path) -> GlobalConfig:
-    conf = tmp_path / "vz.conf"
-    keys = {
-        "VE_ROOT": f"{tmp_path}/root/$VEID",
-        "VE_PRIVATE": f"{tmp_path}/private/$VEID",
-        "CONFDIR": f"{tmp_path}/conf",
-        "DUMPDIR": f"{tmp_path}/dump",
-        "LOCKDIR": f"{tmp_path}/lock",
-    }
-    conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
-    return GlobalConfig.load(conf)
+    return GlobalConfig.load(write_vz_conf(tmp_path / "vz.conf", tmp_path))
 
 
 class Served:

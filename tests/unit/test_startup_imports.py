@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_vz_conf
+
 SRC = Path(__file__).resolve().parents[2] / "src"
 HEAVY = ("pyroute2", "psutil", "paramiko", "pycriu", "google", "zstandard")
 
@@ -48,17 +50,7 @@ def loaded_heavy_modules(env: dict[str, str], *argvs: list[str]) -> tuple[list[s
 @pytest.fixture
 def vz_env(tmp_path: Path) -> dict[str, str]:
     """An isolated vz.conf whose paths all lie in tmp_path (no CT yet)."""
-    keys = {
-        "VE_ROOT": f"{tmp_path}/root/$VEID",
-        "VE_PRIVATE": f"{tmp_path}/private/$VEID",
-        "CONFDIR": f"{tmp_path}/conf",
-        "DUMPDIR": f"{tmp_path}/dump",
-        "TEMPLATE": f"{tmp_path}/template",
-        "LOCKDIR": f"{tmp_path}/lock",
-        "CGROUP_PARENT": "vzpy-startup-test-absent",
-    }
-    conf = tmp_path / "vz.conf"
-    conf.write_text("".join(f'{k}="{v}"\n' for k, v in keys.items()))
+    conf = write_vz_conf(tmp_path / "vz.conf", tmp_path, CGROUP_PARENT="vzpy-startup-test-absent")
     for name in ("conf", "lock"):
         (tmp_path / name).mkdir()
     return {**os.environ, "VZPY_CONF": str(conf)}

@@ -60,12 +60,7 @@ def workload_ct(host_a: TestHost, host_b: TestHost, test_network: TestNetwork, t
     finally:
         echo.close()
         for host in (host_a, host_b):
-            vzpy(host, "stop", "--fast", CTID)
-            vzpy(host, "destroy", CTID)
-            for leftover in host.path("/etc/vz/conf").glob(f"{CTID}.conf*"):
-                leftover.unlink()
-            for leftover in (f"/vz/private/{CTID}.migrated", f"/vz/private/{CTID}", f"/vz/dump/Migrate.{CTID}"):
-                shutil.rmtree(host.path(leftover), ignore_errors=True)
+            host.remove_ct(CTID)
 
 
 def assert_all_ok(client: FidelityClient) -> None:
@@ -242,11 +237,7 @@ def small_ct(host_a: TestHost, host_b: TestHost, test_network: TestNetwork):
         yield ip
     finally:
         for host in (host_a, host_b):
-            vzpy(host, "stop", "--fast", SMALL_CTID)
-            vzpy(host, "destroy", SMALL_CTID)
-            for leftover in host.path("/etc/vz/conf").glob(f"{SMALL_CTID}.conf*"):
-                leftover.unlink()
-            shutil.rmtree(host.path(f"/vz/private/{SMALL_CTID}"), ignore_errors=True)
+            host.remove_ct(SMALL_CTID)
 
 
 def test_the_destination_announces_the_ct_only_where_its_network_is(host_a, host_b, small_ct) -> None:

@@ -94,13 +94,7 @@ def ct_on_a(host_a: TestHost, host_b: TestHost, test_network: TestNetwork) -> It
         yield ip
     finally:
         for host in (host_a, host_b):
-            vzpy(host, "stop", "--fast", CTID)
-            vzpy(host, "destroy", CTID)
-            for leftover in host.path("/etc/vz/conf").glob(f"{CTID}.conf*"):
-                leftover.unlink()
-            host.path(f"/vz/lock/{CTID}.migration.json").unlink(missing_ok=True)
-            for leftover in (f"/vz/private/{CTID}.migrated", f"/vz/private/{CTID}", f"/vz/dump/Migrate.{CTID}"):
-                subprocess.run(["rm", "-rf", str(host.path(leftover))], check=False)
+            host.remove_ct(CTID)
 
 
 def migrate(host_a: TestHost, host_b: TestHost, *extra: str, fault: str = "") -> subprocess.CompletedProcess[str]:

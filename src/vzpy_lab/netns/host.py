@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -243,6 +244,17 @@ class TestHost:
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
         """A socket in the host's netns (it keeps the netns alive until closed)."""
         return netns_socket(netns_path(self.netns), family, kind)
+
+    def remove_ct(self, ctid: str) -> None:
+        """Whatever a test or a failed migration left of CT `ctid` on this host: stopped, destroyed, and its
+        configs, in-doubt marker, private areas and incoming migration data removed."""
+        self.run(["vzpy", "stop", "--fast", ctid], timeout=120)
+        self.run(["vzpy", "destroy", ctid], timeout=120)
+        for conf in self.path("/etc/vz/conf").glob(f"{ctid}.conf*"):
+            conf.unlink()
+        self.path(f"/vz/lock/{ctid}.migration.json").unlink(missing_ok=True)
+        for leftover in (f"/vz/private/{ctid}.migrated", f"/vz/private/{ctid}", f"/vz/dump/Migrate.{ctid}"):
+            shutil.rmtree(self.path(leftover), ignore_errors=True)
 
     def drop_ssh_sessions(self) -> int:
         """SIGKILL this host's sshd session processes (not its listener), as a lost network link would end

@@ -82,6 +82,7 @@ class Container:
     def __init__(self, ctid: str, gconf: GlobalConfig) -> None:
         self.ctid = validate_ctid(ctid)
         self.gconf = gconf
+        self._areas_checked = False
 
     # --- where things are
     @property
@@ -151,8 +152,12 @@ class Container:
         )
 
     def check_areas(self) -> None:
-        """BadConfig (with file:line) unless VE_PRIVATE and VE_ROOT are directories of this CT's own."""
-        areas.check_ct(self.conf if self.exists() else None, self.ctid, self.gconf)
+        """BadConfig (with file:line) unless VE_PRIVATE and VE_ROOT are directories of this CT's own.
+
+        Mount, unmount and the commands each guard with it; the other CTs' configs are read once per command."""
+        if not self._areas_checked:
+            areas.check_ct(self.conf if self.exists() else None, self.ctid, self.gconf)
+            self._areas_checked = True
 
     # --- run state
     def load_state(self) -> RunState:

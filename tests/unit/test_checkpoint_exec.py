@@ -24,6 +24,7 @@ from helpers import write_vz_conf
 from vzpy import checkpoint, linkremap, scratch, stage
 from vzpy.config import GlobalConfig
 from vzpy.container import Container, RunState
+from vzpy.dumpable import NotDumpable
 from vzpy.criu import CriuOptions
 from vzpy.errors import ChkpntError, MigrationInDoubt, NotRunning, RestoreError, WrongStage
 from vzpy.stage import Action, Facts, Stage
@@ -160,6 +161,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     monkeypatch.setattr(checkpoint, "netlock", net)
     monkeypatch.setattr(checkpoint, "_criu", lambda ct, timeout=None: criu)
     monkeypatch.setattr(checkpoint, "stopped_tasks", lambda ct: [])
+    # the fake CT's "init" is this test process, whose session depends on how pytest was started
+    monkeypatch.setattr(checkpoint.dumpable, "require_dumpable", lambda ct: events.append("dumpable?"))
     monkeypatch.setattr(checkpoint.criu_images, "linked_remaps", lambda images: [])
     monkeypatch.setattr(checkpoint, "_manifest", lambda ct, processes, with_fs: _Manifest())
     monkeypatch.setattr(checkpoint, "memory_usage", lambda ct: 1 << 20)
@@ -283,7 +286,7 @@ def test_without_a_migration_marker_resume_is_allowed(world: World) -> None:
 
 def test_full_chkpnt_suspends_dumps_and_kills_in_order(world: World) -> None:
     checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
-    assert world.events == ["lock", "freeze", "criu dump", "write", "kill"]
+    assert world.events == ["dumpable?", "lock", "freeze", "criu dump", "write", "kill"]
     assert not world.ct.state_path.exists()
     options = world.criu.options[0]
     assert options.leave_running and options.link_remap and options.freeze_cgroup is not None
@@ -297,18 +300,35 @@ def test_staged_dump_records_the_dump_file_and_stays_suspended(world: World) -> 
     assert world.ct.fake_cgroups.state == "FROZEN"
 
 
+def test_what_criu_would_refuse_is_looked_for_before_anything_is_frozen(world: World) -> None:
+    checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
+    assert world.events[0] == "dumpable?"
+
+
+def test_an_undumpable_ct_is_left_running_and_untouched(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(ct: Any) -> None:
+        raise NotDumpable("CT 101 cannot be checkpointed: pid 7 is in a session outside the CT")
+
+    monkeypatch.setattr(checkpoint.dumpable, "require_dumpable", refuse)
+    before = world.state()
+    with pytest.raises(NotDumpable, match="session outside"):
+        checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
+    assert world.events == []
+    assert world.state() == before
+
+
 def test_a_failed_dump_resumes_the_ct(world: World) -> None:
     world.criu.fail = ChkpntError("criu dump of pid 1 timed out after 600s (CRIU killed)")
     with pytest.raises(ChkpntError, match="timed out"):
         checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
-    assert world.events == ["lock", "freeze", "criu dump", "unlock", "thaw"]
+    assert world.events == ["dumpable?", "lock", "freeze", "criu dump", "unlock", "thaw"]
     assert world.state().stage is S.RUNNING and world.state().pending == ""
     assert world.ct.stage() is S.RUNNING
 
 
 def test_snapshot_resumes_before_the_dump_file_is_written(world: World) -> None:
     checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.RESUME], _target(world), _quiet)
-    assert world.events == ["lock", "freeze", "criu dump", "unlock", "thaw", "write"]
+    assert world.events == ["dumpable?", "lock", "freeze", "criu dump", "unlock", "thaw", "write"]
     assert world.state().stage is S.RUNNING
 
 
@@ -408,7 +428,7 @@ def test_with_a_stopped_task_criu_seizes_the_thawed_tree_and_it_is_frozen_again(
     checkpoint.dump(world.ct, _target(world), progress=_quiet)
     assert world.criu.options[0].freeze_cgroup is None
     # thawed at CRIU's pre-dump point (before it seizes), frozen at post-dump (before it lets go)
-    assert world.events == ["lock", "freeze", "criu dump", "thaw", "freeze", "write"]
+    assert world.events == ["dumpable?", "lock", "freeze", "criu dump", "thaw", "freeze", "write"]
     assert world.ct.fake_cgroups.state == "FROZEN"
     assert world.net.locked, "the network stays locked throughout"
 

@@ -6,13 +6,15 @@ comments, order and unknown keys exactly as the operator wrote them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vzpy import fileio
+from vzpy import fileio, units
 from vzpy.errors import BadConfig, GlobalConfigNotFound, InvalidValue
 
 DEFAULT_GLOBAL_CONF = Path("/etc/vz/vz.conf")
@@ -32,12 +34,18 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MIN_CPUS = 0.01
 MAX_CPUS = 65536
 _CPUS_RE = re.compile(r"[0-9]{1,6}(?:\.[0-9]{0,6})?")
+MIN_CPUUNITS, MAX_CPUUNITS = 8, 500000  # vzctl's bounds
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,15}")
+_DOMAIN_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
 PID_MAX_LIMIT = 4194304  # the kernel's largest pid_max: pids.max takes nothing higher
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": PAGE_SIZE}
 MAX_BYTES = 2**63 - 1  # a cgroup's memory limit is a signed 64-bit number
 MIN_MEMORY = 4 << 20  # below it a CT's init cannot even start ("the starter process exited without a word")
 
+DEFAULT_LOGFILE = "/var/log/vzpy.log"
+# vzctl announces on every interface unless told `detect`; vzpy announces only where the CT's network is
+DEFAULT_NEIGHBOUR_DEVS = "detect"
 # Defaults as in vzctl's vz.conf; $VEID is replaced by the CT's ID.
 GLOBAL_DEFAULTS: dict[str, str] = {
     "VE_ROOT": "/vz/root/$VEID",
@@ -52,14 +60,63 @@ GLOBAL_DEFAULTS: dict[str, str] = {
 }
 
 
-def parse_value(raw: str, where: str) -> str:
-    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
-        return raw[1:-1]
-    if raw and (raw[0] in "\"'" or raw[-1] in "\"'"):
-        raise BadConfig(f'{where}: unbalanced quotes in value {raw!r}; write KEY="value"')
-    if re.search(r"\s", raw):
-        raise BadConfig(f'{where}: value with spaces must be quoted: {raw!r}; write KEY="value"')
-    return raw
+# Keys vzctl (vz.conf(5), ctid.conf(5), OpenVZ 7's vz.conf) and vzpy know; any other is kept but warned about.
+VZCTL_KEYS = frozenset(
+    """
+    ACTIONLOGDIR AVNUMPROC BANDWIDTH BOOTORDER CAPABILITY CONFIGFILE CONFIG_CUSTOMIZED CPULIMIT CPUMASK CPUS
+    CPUUNITS CPUWEIGHT DCACHE DCACHESIZE DEF_OSTEMPLATE DESCRIPTION DEVICES DEVNODES DGRAMRCVBUF DISABLED
+    DISKINODES DISKSPACE DISK_QUOTA DUMPDIR ERROR_ON_ARPFAIL FEATURES FORCE_ROUTE GOLDEN_IMAGE HOSTNAME IOLIMIT
+    IOPRIO IOPSLIMIT IP6TABLES IPTABLES IPTABLES_MODULES IPTENTRIES IPV6 IP_ADDRESS KMEMSIZE LOCAL_GID LOCAL_UID
+    LOCKDIR LOCKEDPAGES LOGFILE LOGGING LOG_LEVEL MEMINFO MODULES_DISABLED MOUNT_OPTS NAME NAMESERVER
+    NEIGHBOUR_DEVS NETDEV NETFILTER NETIF NODEMASK NUMFILE NUMFLOCK NUMIPTENT NUMOTHERSOCK NUMPROC NUMPTY
+    NUMSIGINFO NUMTCPSOCK ONBOOT ON_VE_FSERROR OOMGUARPAGES ORIGIN_SAMPLE OSTEMPLATE OTHERSOCKBUF PCI
+    PHYSPAGES PRIVVMPAGES QUOTATIME QUOTAUGIDLIMIT RATE RATEMPU SEARCHDOMAIN SHMPAGES SKIP_ARPDETECT
+    SKIP_SYSCTL_SETUP STOP_TIMEOUT SWAPPAGES TCPRCVBUF TCPSNDBUF TEMPLATE TOTALRATE TRAFFIC_SHAPING USE_NET_HWCSUM
+    USE_NET_RPS USE_NET_TSO USE_VENET_MASK VE0CPUUNITS VEFSTYPE VEID VEIMAGEFORMAT VERBOSE VETH VE_LAYOUT
+    VE_PARALLEL VE_PRIVATE VE_ROOT VE_ROUTE_SRC_DEV VE_STOP_MODE VE_TYPE VIRTUOZZO VM_OVERCOMMIT VMGUARPAGES
+    VZFASTBOOT VZWDOG VZ_TOOLS_BCID VZ_TOOLS_IOLIMIT VZ_TOOLS_MEMLIMIT UUID
+    CONFDIR CGROUP_PARENT VETH_PREFIX CRIU CRIU_TIMEOUT
+    """.split()  # noqa: SIM905 - a list of ~120 names reads better as words
+)
+_seen_warnings: set[str] = set()
+
+
+def warn(message: str) -> None:
+    """A config warning on stderr, once per process (configs are read more than once per command)."""
+    if message not in _seen_warnings:
+        _seen_warnings.add(message)
+        sys.stderr.write(f"vzpy: warning: {message}\n")
+
+
+class _Unparsable(ValueError):
+    pass
+
+
+def parse_value(raw: str) -> str:
+    """The value of KEY=raw as vzctl reads it: quoted ("..." or '...', up to the last such quote), or the
+    rest of the line. An inline `# comment` after the value (a '#' after blanks) is dropped; `A=x#y` is "x#y".
+    """
+    if raw[:1] in ("'", '"'):
+        end = raw.rfind(raw[0])
+        if end == 0:
+            raise _Unparsable(f"unmatched quote in {raw!r}")
+        rest = raw[end + 1 :].strip()
+        if rest and not rest.startswith("#"):
+            raise _Unparsable(f"text after the closing quote in {raw!r}")
+        return raw[1:end]
+    comment = _COMMENT_RE.search(raw)
+    return (raw[: comment.start()] if comment else raw).rstrip()
+
+
+_COMMENT_RE = re.compile(r"\s#")
+
+
+def _parses(raw: str) -> bool:
+    try:
+        parse_value(raw.strip())
+    except _Unparsable:
+        return False
+    return True
 
 
 @dataclass
@@ -69,6 +126,8 @@ class ConfFile:
     path: Path
     lines: list[str] = field(default_factory=list)
     values: dict[str, str] = field(default_factory=dict)
+    # lines vzctl would skip (not KEY=value, unmatched quotes) and unknown keys: "file:line: what", ignored
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def parse(cls, path: Path, text: str) -> ConfFile:
@@ -80,21 +139,33 @@ class ConfFile:
             match = _LINE_RE.match(line)
             where = f"{path}:{number}"
             if not match:
-                raise BadConfig(f'{where}: not a KEY="value" line: {stripped!r}')
-            conf.values[match.group(1)] = parse_value(match.group(2), where)
+                conf.warnings.append(f"{where}: not a KEY=value line, ignored: {shown(stripped)}")
+                continue
+            key = match.group(1)
+            try:
+                conf.values[key] = parse_value(match.group(2))
+            except _Unparsable as e:
+                conf.warnings.append(f"{where}: {e}, line ignored")
+                continue
+            if key not in VZCTL_KEYS and not key.startswith("VZPY_"):
+                conf.warnings.append(f"{where}: unknown parameter {key}, ignored")
         return conf
 
     @classmethod
     def load(cls, path: Path) -> ConfFile:
-        return cls.parse(path, path.read_text())
+        """Parse the file; its warnings go to stderr (once per process)."""
+        conf = cls.parse(path, path.read_text())
+        for message in conf.warnings:
+            warn(message)
+        return conf
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return self.values.get(key, default)
 
     def where(self, key: str) -> str:
         """The "path:line" of the line that sets key (the last one, as parsing keeps), or the path alone."""
-        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-        numbers = [number for number, line in enumerate(self.lines, start=1) if pattern.match(line)]
+        pattern = re.compile(rf"^\s*{re.escape(key)}\s*=(.*)$")
+        numbers = [n for n, line in enumerate(self.lines, start=1) if (m := pattern.match(line)) and _parses(m[1])]
         return f"{self.path}:{numbers[-1]}" if numbers else str(self.path)
 
     def checked(self, key: str) -> str | None:
@@ -149,6 +220,7 @@ class GlobalConfig:
     path: Path
     values: dict[str, str]
     exists: bool
+    conf: ConfFile | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def load(cls, path: Path | None = None) -> GlobalConfig:
@@ -162,7 +234,7 @@ class GlobalConfig:
                 )
             return cls(path=path, values=dict(GLOBAL_DEFAULTS), exists=False)
         conf = ConfFile.load(path)
-        return cls(path=path, values={**GLOBAL_DEFAULTS, **conf.values}, exists=True)
+        return cls(path=path, values={**GLOBAL_DEFAULTS, **conf.values}, exists=True, conf=conf)
 
     def expand(self, key: str, ctid: str | None = None) -> Path:
         return expand_veid(key, self.values[key], ctid)
@@ -191,6 +263,62 @@ class GlobalConfig:
 
     def ct_conf_path(self, ctid: str) -> Path:
         return self.confdir / f"{ctid}.conf"
+
+    def where(self, key: str) -> str:
+        return self.conf.where(key) if self.conf else str(self.path)
+
+    def checked(self, key: str) -> str | None:
+        """A CT default set here (NAMESERVER, CPUUNITS, ...): its value, or None; BadConfig at file:line if bad."""
+        if self.conf is not None:
+            return self.conf.checked(key)
+        value = self.values.get(key)
+        if value and (problem := value_problem(key, value)):
+            raise BadConfig(f"{self.path}: invalid {key} value {shown(value)}: {problem}; fix the line")
+        return value or None
+
+    def _lenient(self, key: str, default: str) -> str:
+        """A host-wide key whose bad value must not stop every CT: vzctl's way, a warning and the default."""
+        value = self.values.get(key) or default
+        if problem := value_problem(key, value):
+            warn(f"{self.where(key)}: invalid {key} value {shown(value)}: {problem}; using {default!r}")
+            return default
+        return value
+
+    @property
+    def logging(self) -> bool:
+        """LOGGING=yes|no (default yes): whether the operation log is written."""
+        return parse_yesno(self._lenient("LOGGING", "yes"))
+
+    @property
+    def logfile(self) -> Path:
+        """LOGFILE, the operation log (default /var/log/vzpy.log: vzctl's own log is not vzpy's to write)."""
+        return Path(self.values.get("LOGFILE") or DEFAULT_LOGFILE)
+
+    @property
+    def ve_stop_mode(self) -> str:
+        """VE_STOP_MODE: "suspend" (vzctl's default: checkpoint running CTs at host shutdown) or "stop"."""
+        return self._lenient("VE_STOP_MODE", "suspend")
+
+    @property
+    def neighbour_devs(self) -> NeighbourDevs:
+        """NEIGHBOUR_DEVS: where a CT's addresses are announced (see NeighbourDevs)."""
+        return NeighbourDevs.parse(self._lenient("NEIGHBOUR_DEVS", DEFAULT_NEIGHBOUR_DEVS))
+
+
+@dataclass(frozen=True)
+class NeighbourDevs:
+    """vz.conf's NEIGHBOUR_DEVS: `detect` (interfaces with a connected route to a network holding the CT's
+    address; vzpy's default), `all` (every interface that is up, ARP-capable, not a slave or loopback;
+    vzctl's default) or `list:DEV1 DEV2` (those)."""
+
+    mode: str
+    devices: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> NeighbourDevs:
+        if text.startswith("list:"):
+            return cls("list", tuple(text.removeprefix("list:").split()))
+        return cls(text or "all")
 
 
 def expand_veid(key: str, value: str, ctid: str | None) -> Path:
@@ -246,18 +374,101 @@ def parse_size(value: str, *, what: str = "size") -> int:
     return size
 
 
+def pair_problem(text: str, unit: units.Unit) -> str | None:
+    try:
+        units.parse_pair(text, unit)
+    except units.BadNumber as e:
+        return f"{e}; use e.g. 0:262144 ({unit.name}) or 0:1G"
+    return None
+
+
 def physpages_problem(text: str) -> str | None:
-    """vzctl's "barrier:limit" or one size; the limit is the one applied."""
-    parts = text.split(":")
-    if len(parts) > 2:
-        return "use a size or barrier:limit, e.g. 0:512M"
-    for part in parts:
+    """vzctl's "barrier:limit" or one value, in pages (or a size: 256M); the limit is the one applied."""
+    if problem := pair_problem(text, units.PAGES):
+        return problem
+    limit = units.pair_limit_bytes(text, units.PAGES)
+    if limit is not None and limit < MIN_MEMORY:
+        return f"a limit below {MIN_MEMORY >> 20}M leaves a CT no room to start; use e.g. 0:512M or 0:unlimited"
+    return None
+
+
+def pages_problem(text: str) -> str | None:
+    return pair_problem(text, units.PAGES)
+
+
+def diskspace_problem(text: str) -> str | None:
+    return pair_problem(text, units.KBLOCKS)
+
+
+def diskinodes_problem(text: str) -> str | None:
+    return pair_problem(text, units.COUNT)
+
+
+def yesno_problem(text: str) -> str | None:
+    return None if text.lower() in ("yes", "no") else "use yes or no"
+
+
+def parse_yesno(text: str) -> bool:
+    return text.lower() == "yes"
+
+
+def cpuunits_problem(text: str) -> str | None:
+    if not (text.isascii() and text.isdigit()) or not MIN_CPUUNITS <= int(text) <= MAX_CPUUNITS:
+        return f"use a number from {MIN_CPUUNITS} to {MAX_CPUUNITS} (1000 is a default share)"
+    return None
+
+
+def cpulimit_problem(text: str) -> str | None:
+    """vzctl's CPULIMIT: percent of one CPU (200: two CPUs), or N% of the whole host (N at most 100); 0: none."""
+    number = text.removesuffix("%")
+    if not (number.isascii() and number.isdigit()) or len(number) > 9:
+        return "use a percentage of one CPU like 150, or of all CPUs like 50%"
+    if text.endswith("%") and int(number) > 100:
+        return "a share of all CPUs is at most 100%"
+    return None
+
+
+def cpulimit_percent(text: str) -> float:
+    """CPULIMIT as a percentage of one CPU (vzctl multiplies N% by the host's CPU count)."""
+    if text.endswith("%"):
+        return float(int(text[:-1]) * (os.cpu_count() or 1))
+    return float(int(text))
+
+
+def stop_timeout_problem(text: str) -> str | None:
+    return None if text.isascii() and text.isdigit() and len(text) <= 9 else "use a number of seconds"
+
+
+def ve_stop_mode_problem(text: str) -> str | None:
+    return None if text in ("suspend", "stop") else "use suspend or stop"
+
+
+def neighbour_devs_problem(text: str) -> str | None:
+    if text in ("", "all", "detect"):
+        return None
+    devices = text.removeprefix("list:").split() if text.startswith("list:") else None
+    if not devices or not all(_IFNAME_RE.fullmatch(dev) for dev in devices):
+        return "use all, detect or list:DEV1 DEV2"
+    return None
+
+
+def nameserver_problem(text: str) -> str | None:
+    if text == "inherit":
+        return None
+    for word in text.split():
         try:
-            parse_size(part)
-        except InvalidValue as e:
-            return e.message.split(": ", 1)[1]
-    if parse_size(parts[-1]) < MIN_MEMORY:
-        return f"a limit below {MIN_MEMORY >> 20}M leaves a CT no room to start; use e.g. 512M or 2G"
+            ipaddress.ip_address(word)
+        except ValueError:
+            return f"{word!r} is not an IP address; use addresses separated by spaces, or inherit"
+    return None
+
+
+def searchdomain_problem(text: str) -> str | None:
+    if text == "inherit":
+        return None
+    for word in text.split():
+        if not _DOMAIN_RE.fullmatch(word):
+            return f"{word!r} is not a domain name; use domains separated by spaces, or inherit"
     return None
 
 
@@ -271,13 +482,19 @@ def cpus_problem(text: str) -> str | None:
 
 
 def numproc_problem(text: str) -> str | None:
-    """vzctl's "barrier:limit" or one number; 0 means no limit."""
-    parts = text.split(":")
-    if len(parts) > 2 or not all(p.isascii() and p.isdigit() for p in parts):
-        return "use a number of processes or barrier:limit, e.g. 512:512"
+    """vzctl's "barrier:limit" or one number, each may be `unlimited`; 0 means no limit too."""
+    parts = [part for part in text.split(":") if part != "unlimited"]
+    if text.count(":") > 1 or not all(p.isascii() and p.isdigit() for p in parts):
+        return "use a number of processes, unlimited, or barrier:limit, e.g. 512:512"
     if any(len(p.lstrip("0")) > len(str(PID_MAX_LIMIT)) or int(p) > PID_MAX_LIMIT for p in parts):
         return f"at most {PID_MAX_LIMIT} processes (the kernel's limit)"
     return None
+
+
+def numproc_limit(text: str) -> int:
+    """The pids.max NUMPROC asks for (its limit): 0 for none, as for `unlimited`."""
+    limit = text.split(":")[-1]
+    return 0 if limit == "unlimited" else int(limit)
 
 
 VALUE_CHECKS: dict[str, Callable[[str], str | None]] = {
@@ -285,6 +502,20 @@ VALUE_CHECKS: dict[str, Callable[[str], str | None]] = {
     "CPUS": cpus_problem,
     "NUMPROC": numproc_problem,
     "PHYSPAGES": physpages_problem,
+    "SWAPPAGES": pages_problem,
+    "DISKSPACE": diskspace_problem,
+    "DISKINODES": diskinodes_problem,
+    "CPUUNITS": cpuunits_problem,
+    "CPULIMIT": cpulimit_problem,
+    "ONBOOT": yesno_problem,
+    "DISABLED": yesno_problem,
+    "DISK_QUOTA": yesno_problem,
+    "LOGGING": yesno_problem,
+    "STOP_TIMEOUT": stop_timeout_problem,
+    "VE_STOP_MODE": ve_stop_mode_problem,
+    "NEIGHBOUR_DEVS": neighbour_devs_problem,
+    "NAMESERVER": nameserver_problem,
+    "SEARCHDOMAIN": searchdomain_problem,
 }
 
 

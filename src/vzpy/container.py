@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from vzpy import areas, fileio
-from vzpy.config import ConfFile, GlobalConfig, default_hostname, expand_veid, parse_size, validate_ctid
+from vzpy import areas, fileio, units
+from vzpy.config import (
+    ConfFile,
+    GlobalConfig,
+    cpulimit_percent,
+    default_hostname,
+    expand_veid,
+    numproc_limit,
+    parse_yesno,
+    validate_ctid,
+)
 from vzpy.errors import BadConfig, ConfigNotFound
-from vzpy.runtime.cgroups import CgroupSet, Limits
+from vzpy.runtime import resolver
+from vzpy.runtime.cgroups import UNLIMITED, CgroupSet, Limits
 from vzpy.runtime.network import host_ifname
+from vzpy.runtime.quota import DiskLimits
 from vzpy.stage import Facts, Stage, settled
 
 
@@ -78,6 +90,32 @@ def start_ticks(pid: int) -> int:
     return int(_stat_fields(pid)[STARTTIME])
 
 
+LIMIT_KEYS = ("PHYSPAGES", "SWAPPAGES", "CPULIMIT", "CPUS", "CPUUNITS", "NUMPROC")
+
+
+def limits_of(setting: Callable[[str], str | None], keys: Iterable[str] = LIMIT_KEYS) -> Limits:
+    """The cgroup limits of `keys` as `setting` gives them; a key not in `keys` stays None (left as it is)."""
+    value = {key: setting(key) if key in keys else None for key in LIMIT_KEYS}
+    memory, swap = value["PHYSPAGES"], value["SWAPPAGES"]
+    cpu_percents = [cpulimit_percent(value["CPULIMIT"])] if value["CPULIMIT"] else []
+    if value["CPUS"]:
+        cpu_percents.append(float(value["CPUS"]) * 100)
+    limited = [percent for percent in cpu_percents if percent > 0]  # 0 is "no limit" in both
+    numproc = value["NUMPROC"]
+    return Limits(
+        memory_bytes=_bytes_or_unlimited(memory) if memory else None,
+        swap_bytes=_bytes_or_unlimited(swap) if swap else None,
+        cpu_percent=min(limited) if limited else 0.0 if cpu_percents else None,
+        cpu_shares=int(value["CPUUNITS"]) if value["CPUUNITS"] else None,
+        pids_max=numproc_limit(numproc) if numproc else None,
+    )
+
+
+def _bytes_or_unlimited(pages: str) -> int:
+    limit = units.pair_limit_bytes(pages, units.PAGES)
+    return UNLIMITED if limit is None else limit
+
+
 class Container:
     def __init__(self, ctid: str, gconf: GlobalConfig) -> None:
         self.ctid = validate_ctid(ctid)
@@ -139,16 +177,56 @@ class Container:
     def ips(self) -> list[str]:
         return (self.conf.get("IP_ADDRESS") or "").split()
 
+    def setting(self, key: str) -> str | None:
+        """A key as vzctl merges them: CTID.conf's value, else vz.conf's (CT defaults live there too); None
+        when unset or empty. BadConfig naming file:line when the value is bad (VALUE_CHECKS)."""
+        return self.conf.checked(key) or self.gconf.checked(key)
+
     @property
     def limits(self) -> Limits:
-        """The limits CTID.conf sets (the limit of vzctl's barrier:limit pairs); BadConfig at file:line if bad."""
-        physpages = self.conf.checked("PHYSPAGES")
-        numproc = self.conf.checked("NUMPROC")
-        cpus = self.conf.checked("CPUS")
-        return Limits(
-            memory_bytes=parse_size(physpages.split(":")[-1]) if physpages else None,
-            cpus=float(cpus) if cpus else None,
-            pids_max=int(numproc.split(":")[-1]) if numproc else None,
+        """The limits the config sets: the limit of vzctl's barrier:limit pairs; BadConfig at file:line if bad."""
+        return limits_of(self.setting)
+
+    @property
+    def onboot(self) -> bool:
+        """ONBOOT=yes: started by the boot service (vzctl's default: no)."""
+        return parse_yesno(self.setting("ONBOOT") or "no")
+
+    @property
+    def disabled(self) -> bool:
+        """DISABLED=yes: `start` is refused (VZ_VE_START_DISABLED)."""
+        return parse_yesno(self.setting("DISABLED") or "no")
+
+    @property
+    def stop_timeout(self) -> int | None:
+        """STOP_TIMEOUT in seconds, None when unset (vzctl then waits 120 s)."""
+        value = self.setting("STOP_TIMEOUT")
+        return int(value) if value else None
+
+    @property
+    def nameservers(self) -> list[str] | None:
+        """NAMESERVER's addresses (`inherit`: the host's), None when unset: the CT's resolv.conf is left alone."""
+        value = self.setting("NAMESERVER")
+        return None if value is None else resolver.host_nameservers() if value == "inherit" else value.split()
+
+    @property
+    def searchdomains(self) -> list[str] | None:
+        """SEARCHDOMAIN's domains (`inherit`: the host's), None when unset."""
+        value = self.setting("SEARCHDOMAIN")
+        return None if value is None else resolver.host_searchdomains() if value == "inherit" else value.split()
+
+    @property
+    def disk_limits(self) -> DiskLimits:
+        """DISKSPACE (1K blocks) and DISKINODES: the hard limits (the pairs' second value), None when unset."""
+        space, inodes = self.setting("DISKSPACE"), self.setting("DISKINODES")
+        soft_space, hard_space = units.parse_pair(space, units.KBLOCKS) if space else (None, None)
+        soft_inodes, hard_inodes = units.parse_pair(inodes, units.COUNT) if inodes else (None, None)
+        return DiskLimits(
+            configured=bool(space or inodes),
+            soft_bytes=None if soft_space is None else soft_space * 1024,
+            hard_bytes=None if hard_space is None else hard_space * 1024,
+            soft_inodes=soft_inodes,
+            hard_inodes=hard_inodes,
         )
 
     def check_areas(self) -> None:

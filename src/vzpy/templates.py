@@ -1,8 +1,9 @@
 """OS templates: what a CT's private area is populated from.
 
 - "minimal" is built in: assembled in seconds from the host's static busybox, never cached.
-- Any other template is a tarball NAME.tar.{zst,xz,gz} in the template cache (vz.conf TEMPLATE);
-  `create_debian` makes one with debootstrap.
+- Any other template is a tarball NAME.tar.{zst,xz,gz} in the template directory (vz.conf TEMPLATE), or in
+  its cache/ subdirectory, where OpenVZ keeps its precreated templates (`$TEMPLATE/cache/NAME.tar.gz`); one
+  at the top wins over one of the same name in cache/. `create_debian` makes one with debootstrap.
 Every template vzpy builds runs the vzpy init (template_data/vzpy-init) as /sbin/init.
 """
 
@@ -47,6 +48,7 @@ INIT_SCRIPT = files("vzpy") / "template_data" / "vzpy-init"
 REQUIRED = (("sbin/init", "sbin/vzpy-init"), ("bin/sh",))
 # Applets the minimal template does not link: the vzpy init is /sbin/init; linuxrc is for initrds.
 SKIPPED_APPLETS = frozenset({"sbin/init", "linuxrc"})
+OPENVZ_CACHE = "cache"  # vzctl's precreated OS templates: $TEMPLATE/cache/NAME.tar.gz
 TAR_KEEP = ("--numeric-owner", "--xattrs", "--xattrs-include=*")
 TAR_TIMEOUT = 1800.0
 DEBOOTSTRAP_TIMEOUT = 3600.0
@@ -132,26 +134,36 @@ class TemplateStore:
         return target
 
     def _tarballs(self) -> dict[str, Path]:
-        """Template name -> tarball; with several compressions of one name, the first in TARBALL_FORMATS."""
-        if not self.cache_dir.is_dir():
-            return {}
+        """Template name -> tarball, from the directory, then its cache/ (OpenVZ's); with several compressions
+        of one name in a directory, the first in TARBALL_FORMATS."""
         found: dict[str, Path] = {}
-        tarballs = sorted(path for path in self.cache_dir.iterdir() if path.is_file())
-        for suffix in TARBALL_FORMATS:
-            for path in tarballs:
-                name = path.name.removesuffix(suffix)
-                if name != path.name and NAME_RE.match(name):
-                    found.setdefault(name, path)
+        for directory in (self.cache_dir, self.cache_dir / OPENVZ_CACHE):
+            for name, path in _tarballs_in(directory).items():
+                found.setdefault(name, path)
         return found
 
     def _tarball(self, name: str) -> Path:
         tarball = self._tarballs().get(name)
         if tarball is None:
             raise TemplateNotFound(
-                f"template {name!r} not found in {self.cache_dir}; available: {', '.join(self.names())}; "
+                f"template {name!r} not found in {self.cache_dir} or {self.cache_dir / OPENVZ_CACHE}; "
+                f"available: {', '.join(self.names())}; "
                 "create one with `vzpy template create debian-12`"
             )
         return tarball
+
+
+def _tarballs_in(directory: Path) -> dict[str, Path]:
+    if not directory.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    tarballs = sorted(path for path in directory.iterdir() if path.is_file())
+    for suffix in TARBALL_FORMATS:
+        for path in tarballs:
+            name = path.name.removesuffix(suffix)
+            if name != path.name and NAME_RE.match(name):
+                found.setdefault(name, path)
+    return found
 
 
 def check_name(name: str) -> str:

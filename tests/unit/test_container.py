@@ -15,7 +15,7 @@ import pytest
 from vzpy.config import PAGE_SIZE, GlobalConfig, parse_size
 from vzpy.container import Container, RunState, start_ticks
 from vzpy.errors import BadConfig, ConfigNotFound, InvalidValue
-from vzpy.runtime.cgroups import Limits
+from vzpy.runtime.cgroups import UNLIMITED, Limits
 from vzpy.stage import Stage
 
 # --- parse_size
@@ -170,7 +170,7 @@ def test_conf_values(gconf: GlobalConfig) -> None:
     assert ct.exists() is True
     assert ct.hostname == "web.example"
     assert ct.ips == ["10.0.0.1", "10.0.0.2"]
-    assert ct.limits == Limits(memory_bytes=256 << 20, cpus=1.5, pids_max=120)
+    assert ct.limits == Limits(memory_bytes=256 << 20, cpu_percent=150.0, pids_max=120)
 
 
 def test_conf_defaults(gconf: GlobalConfig) -> None:
@@ -184,6 +184,97 @@ def test_conf_defaults(gconf: GlobalConfig) -> None:
 def test_physpages_in_pages(gconf: GlobalConfig) -> None:
     write_ct_conf(gconf, "101", 'PHYSPAGES="0:65536P"\n')
     assert Container("101", gconf).limits.memory_bytes == 65536 * PAGE_SIZE
+
+
+@pytest.mark.parametrize(
+    ("physpages", "memory"),
+    [
+        ("0:262144", 262144 * PAGE_SIZE),  # a plain number is pages, as in vzctl's samples: 1 GiB
+        ("262144", 262144 * PAGE_SIZE),
+        ("0:1G", 1 << 30),
+        ("0:1.5G", 3 << 29),
+        ("0:unlimited", UNLIMITED),
+        ("unlimited", UNLIMITED),
+        (f"0:{2**63}", UNLIMITED),  # vzctl caps it at LONG_MAX, its unlimited
+    ],
+)
+def test_physpages_units(gconf: GlobalConfig, physpages: str, memory: int) -> None:
+    write_ct_conf(gconf, "101", f'PHYSPAGES="{physpages}"\n')
+    assert Container("101", gconf).limits.memory_bytes == memory
+
+
+def test_vzctl_limits_in_one_ct_conf(gconf: GlobalConfig) -> None:
+    write_ct_conf(
+        gconf,
+        "101",
+        'PHYSPAGES="0:262144"\nSWAPPAGES="0:128M"\nCPUUNITS="2000"\nCPULIMIT="50"\nNUMPROC="240:240"\n',
+    )
+    assert Container("101", gconf).limits == Limits(
+        memory_bytes=1 << 30, swap_bytes=128 << 20, cpu_percent=50.0, cpu_shares=2000, pids_max=240
+    )
+
+
+@pytest.mark.parametrize(
+    ("cpulimit", "cpus", "percent"),
+    [
+        ("50", None, 50.0),
+        ("0", None, 0.0),
+        (None, "1.5", 150.0),
+        ("300", "1", 100.0),
+        ("50", "2", 50.0),
+        ("0", "2", 200.0),
+    ],
+)
+def test_the_cfs_quota_is_the_lower_of_cpulimit_and_cpus(
+    gconf: GlobalConfig, cpulimit: str | None, cpus: str | None, percent: float
+) -> None:
+    lines = [f'CPULIMIT="{cpulimit}"' if cpulimit else "", f'CPUS="{cpus}"' if cpus else ""]
+    write_ct_conf(gconf, "101", "\n".join(lines) + "\n")
+    assert Container("101", gconf).limits.cpu_percent == percent
+
+
+def test_cpulimit_in_percent_of_the_host(gconf: GlobalConfig) -> None:
+    write_ct_conf(gconf, "101", 'CPULIMIT="50%"\n')
+    assert Container("101", gconf).limits.cpu_percent == 50.0 * (os.cpu_count() or 1)
+
+
+def test_ct_defaults_come_from_vz_conf_and_ctid_conf_overrides_them(gconf: GlobalConfig) -> None:
+    assert gconf.conf is not None
+    gconf.conf.values.update({"NAMESERVER": "10.1.1.1", "CPUUNITS": "500", "ONBOOT": "yes"})
+    gconf.values.update(gconf.conf.values)
+    write_ct_conf(gconf, "101", 'CPUUNITS="2000"\nSEARCHDOMAIN="example.com corp.example"\n')
+    ct = Container("101", gconf)
+    assert ct.nameservers == ["10.1.1.1"] and ct.searchdomains == ["example.com", "corp.example"]
+    assert ct.limits.cpu_shares == 2000 and ct.onboot is True and ct.disabled is False
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('SWAPPAGES="lots"', "SWAPPAGES"),
+        ('CPUUNITS="7"', "CPUUNITS"),
+        ('CPULIMIT="150%"', "CPULIMIT"),
+        ('NAMESERVER="8.8.8.8 not-an-ip"', "NAMESERVER"),
+        ('SEARCHDOMAIN="a;b"', "SEARCHDOMAIN"),
+        ('DISKSPACE="unlimitedX"', "DISKSPACE"),
+        ('ONBOOT="maybe"', "ONBOOT"),
+    ],
+)
+def test_a_bad_value_of_a_key_vzpy_applies_is_bad_config_at_its_line(gconf: GlobalConfig, line: str, key: str) -> None:
+    path = write_ct_conf(gconf, "101", f'HOSTNAME="web"\n{line}\n')
+    ct = Container("101", gconf)
+    with pytest.raises(BadConfig) as info:
+        ct.limits, ct.nameservers, ct.searchdomains, ct.disk_limits, ct.onboot  # noqa: B018
+    assert info.value.message.startswith(f"{path}:2: invalid {key} value ") and info.value.exit_code == 85
+
+
+def test_disk_limits_in_1k_blocks_and_sizes(gconf: GlobalConfig) -> None:
+    write_ct_conf(gconf, "101", 'DISKSPACE="1048576:1153434"\nDISKINODES="200000:220000"\n')
+    limits = Container("101", gconf).disk_limits
+    assert (limits.soft_bytes, limits.hard_bytes) == (1 << 30, 1153434 * 1024)
+    assert (limits.soft_inodes, limits.hard_inodes, limits.configured) == (200000, 220000, True)
+    write_ct_conf(gconf, "101", 'DISKSPACE="10G:11G"\n')
+    assert Container("101", gconf).disk_limits.hard_bytes == 11 << 30
 
 
 @pytest.mark.parametrize(

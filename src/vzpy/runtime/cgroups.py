@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +31,41 @@ ALLOWED_DEVICES = (
     "c 136:* rwm",  # pts
 )
 CPU_PERIOD_US = 100_000
+MAX_LIMIT = 2**63 - 1
 
 
 class CgroupError(VzError):
     exit_code = 3
 
 
+UNLIMITED = -1
+# the memory cgroup reports "no limit" as PAGE_COUNTER_MAX pages, a little under 2**63
+_UNLIMITED_READ = 1 << 62
+
+
 @dataclass(frozen=True)
 class Limits:
-    memory_bytes: int | None = None
-    cpus: float | None = None
-    pids_max: int | None = None
+    """What a CT's cgroups enforce. None: leave as it is (unset in the config, or not asked to change);
+    UNLIMITED (-1) for the byte limits and 0 for cpu_percent: no limit."""
+
+    memory_bytes: int | None = None  # PHYSPAGES' limit: memory.limit_in_bytes
+    swap_bytes: int | None = None  # SWAPPAGES' limit: memory.memsw.limit_in_bytes = memory + swap
+    cpu_percent: float | None = None  # min(CPULIMIT, CPUS x 100) in % of one CPU: cpu.cfs_quota_us
+    cpu_shares: int | None = None  # CPUUNITS: cpu.shares (the kernel keeps it within 2..262144)
+    pids_max: int | None = None  # NUMPROC's limit, 0 for none: pids.max
+
+
+_memsw_warned = False
+
+
+def _warn_no_memsw() -> None:
+    global _memsw_warned
+    if not _memsw_warned:
+        _memsw_warned = True
+        sys.stderr.write(
+            "vzpy: warning: SWAPPAGES is not enforced: this kernel's memory cgroup has no memory.memsw files "
+            "(boot it with swapaccount=1)\n"
+        )
 
 
 @dataclass(frozen=True)
@@ -75,14 +100,49 @@ class CgroupSet:
         return self.read("devices", "devices.list").splitlines()
 
     def apply(self, limits: Limits) -> None:
-        if limits.memory_bytes is not None:
-            self._write_memory_limit(limits.memory_bytes)
-        if limits.cpus is not None:
+        """Write the limits that are not None; the others stay as they are."""
+        if limits.memory_bytes is not None or limits.swap_bytes is not None:
+            self._apply_memory(limits.memory_bytes, limits.swap_bytes)
+        if limits.cpu_percent is not None:
             self._write("cpu", "cpu.cfs_period_us", str(CPU_PERIOD_US))
-            quota = -1 if limits.cpus <= 0 else int(limits.cpus * CPU_PERIOD_US)
+            quota = -1 if limits.cpu_percent <= 0 else max(1000, int(limits.cpu_percent * CPU_PERIOD_US / 100))
             self._write("cpu", "cpu.cfs_quota_us", str(quota))
+        if limits.cpu_shares is not None:
+            self._write("cpu", "cpu.shares", str(limits.cpu_shares))
         if limits.pids_max is not None:
             self._write("pids", "pids.max", "max" if limits.pids_max <= 0 else str(limits.pids_max))
+
+    def memory_limits(self) -> tuple[int, int | None]:
+        """(memory limit, memory+swap limit or None without memsw), UNLIMITED for none."""
+        memory = int(self.read("memory", "memory.limit_in_bytes"))
+        memsw_file = self.path("memory") / "memory.memsw.limit_in_bytes"
+        memsw = int(memsw_file.read_text()) if memsw_file.exists() else None
+        return (
+            UNLIMITED if memory >= _UNLIMITED_READ else memory,
+            None if memsw is None else UNLIMITED if memsw >= _UNLIMITED_READ else memsw,
+        )
+
+    def _apply_memory(self, memory: int | None, swap: int | None) -> None:
+        """memory.limit_in_bytes and memsw = memory + swap (vzctl's vswap). A None part keeps its current
+        value: a new memory limit keeps the swap allowance the CT has, a new swap keeps the memory limit."""
+        current_memory, current_memsw = self.memory_limits()
+        memory = current_memory if memory is None else memory
+        if current_memsw is None:
+            if swap is not None:
+                _warn_no_memsw()
+            self._write_memory_limit(memory)
+            return
+        if swap is None:
+            unlimited = UNLIMITED in (current_memory, current_memsw)
+            swap = UNLIMITED if unlimited else current_memsw - current_memory
+        memsw = UNLIMITED if UNLIMITED in (memory, swap) else min(memory + swap, MAX_LIMIT)
+        # v1 wants memsw >= memory at every moment: raise memsw before memory, lower it after
+        if memsw == UNLIMITED or (current_memsw != UNLIMITED and memsw >= current_memsw):
+            self._write("memory", "memory.memsw.limit_in_bytes", str(memsw))
+            self._write_memory_limit(memory)
+        else:
+            self._write_memory_limit(memory)
+            self._write("memory", "memory.memsw.limit_in_bytes", str(memsw))
 
     def _write_memory_limit(self, limit: int) -> None:
         try:

@@ -7,6 +7,7 @@ then a matter of moving its routes: nothing in the CT depends on the host's addr
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 from collections.abc import Iterable
@@ -145,15 +146,22 @@ def add_host_route(host_if: str, ip: str, ipr: IPRoute | None = None) -> None:
             ipr.close()
 
 
-def del_host_route(ip: str) -> None:
+def del_host_route(ip: str, host_if: str | None = None) -> None:
+    """Remove the /32 (/128) route add_host_route made. It is a link-scope route: a delete naming no scope
+    asks for a universe-scope one, which the kernel does not find, and the route would stay."""
     from pyroute2.netlink.exceptions import NetlinkError
 
     parsed = parse_ip(ip)
     with _iproute() as ipr:
+        spec: dict[str, Any] = {"dst": f"{parsed}/{_prefixlen(parsed)}", "scope": 253}
+        found = ipr.link_lookup(ifname=host_if) if host_if else []
+        if found:
+            spec["oif"] = found[0]
         try:
-            ipr.route("del", dst=f"{parsed}/{_prefixlen(parsed)}")
-        except NetlinkError:
-            pass
+            ipr.route("del", **spec)
+        except NetlinkError as e:
+            if e.code not in (errno.ESRCH, errno.ENOENT):
+                raise NetworkError(f"cannot remove the route to {parsed}: {e}") from e
 
 
 def delete_veth(host_if: str) -> None:
@@ -170,19 +178,27 @@ def delete_veth(host_if: str) -> None:
                     raise NetworkError(f"cannot delete {host_if}: {e}") from e
 
 
-def announce(ip: str, exclude: Iterable[str] = ()) -> list[str]:
-    """Gratuitous ARP for `ip` on the interfaces where this host routes or proxies the CT's address (vzctl's
-    NEIGHBOUR_DEVS=detect): up, ARP-capable interfaces with a directly connected route (no gateway, not a
-    host route, not the default route) whose network holds `ip`, so that peers on those links move their
-    ARP entry to this host at once. Never on unrelated interfaces (an uplink to elsewhere). `exclude`:
-    interfaces never to send on (the CT's own veth). Returns the interfaces it was sent on."""
+def announce(ip: str, exclude: Iterable[str] = (), mode: str = "detect", devices: Iterable[str] = ()) -> list[str]:
+    """Gratuitous ARP for `ip`, so that peers move their ARP entry to this host at once, on the interfaces
+    vz.conf's NEIGHBOUR_DEVS names (`mode`):
+    - "detect" (vzpy's default): where this host routes or proxies the CT's address: up, ARP-capable
+      interfaces with a directly connected route (no gateway, not a host route, not the default route) whose
+      network holds `ip`. Never on unrelated interfaces (an uplink to elsewhere).
+    - "all" (vzctl's default): every interface that is up, ARP-capable, not a loopback or a bond's slave.
+    - "list": those of `devices` that are up and ARP-capable.
+    `exclude`: interfaces never to send on (the CT's own veth). Returns the interfaces it was sent on."""
     parsed = parse_ip(ip)
     if parsed.version != 4:
         return []
+    wanted = set(devices)
     sent = []
     with _iproute() as ipr:
         links = {link["index"]: link for link in ipr.get_links()}
-        for index in _connected_route_ifindexes(ipr, parsed):
+        if mode == "detect":
+            candidates = _connected_route_ifindexes(ipr, parsed)
+        else:
+            candidates = [i for i, link in links.items() if mode == "all" or link.get_attr("IFLA_IFNAME") in wanted]
+        for index in candidates:
             link = links.get(index)
             if link is None:
                 continue
@@ -208,8 +224,9 @@ def _connected_route_ifindexes(ipr: IPRoute, ip: ipaddress.IPv4Address) -> list[
 
 def _announceable(link: Any, name: str, mac: str | None) -> bool:  # link: a pyroute2 message (untyped)
     flags = link["flags"]
-    up, noarp = flags & 1, flags & 0x80  # IFF_UP, IFF_NOARP
-    return bool(up) and not noarp and name != "lo" and mac not in (None, "00:00:00:00:00:00")
+    up, loopback, noarp, slave = flags & 0x1, flags & 0x8, flags & 0x80, flags & 0x800  # IFF_*
+    usable = up and not (loopback or noarp or slave)
+    return bool(usable) and name != "lo" and mac not in (None, "00:00:00:00:00:00")
 
 
 def _send_garp(ifname: str, mac: str, ip: bytes) -> None:

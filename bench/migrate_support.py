@@ -357,8 +357,9 @@ def floor_src(spec: dict[str, Any]) -> None:
 
         netlock.lock(spec["pid"])
     argv = [criu, "dump", "-t", str(spec["pid"]), "-D", str(images), "-W", str(logs), "-o", "dump.log", "-v4",
-            "--tcp-established", "--file-locks", "--network-lock", lock,
-            "--freeze-cgroup", spec["freezer"], "--manage-cgroups=soft",
+            "--tcp-established", "--file-locks", "--link-remap", "--network-lock", lock,
+            *_freeze_cgroup(spec["freezer"]),
+            "--manage-cgroups=soft",
             "--page-server", "--address", spec["dst_address"], "--port", str(spec["page_server_port"])]  # fmt: skip
     _run(argv, spec["timeout"], logs / "dump.log")
     dumped = time.monotonic()
@@ -373,6 +374,16 @@ def floor_src(spec: dict[str, Any]) -> None:
             raise RuntimeError(f"tar -c of {images} failed ({tar.returncode})")
         sock.shutdown(socket.SHUT_WR)
     _say("result", {"dump_start": start, "dump_end": dumped, "images_sent": time.monotonic(), "tar_bytes": sent})
+
+
+def _freeze_cgroup(freezer: str) -> list[str]:
+    """CRIU's --freeze-cgroup, unless a task of the CT is stopped (SIGSTOP): a task both stopped and frozen
+    hangs CRIU in ptrace_attach (vzpy's dump_images has CRIU seize such a tree itself, and so does this)."""
+    for pid in Path(freezer, "cgroup.procs").read_text().split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/wchan").read_text().strip() == "do_signal_stop":
+                return []
+    return ["--freeze-cgroup", freezer]
 
 
 def main(argv: list[str]) -> int:

@@ -1,6 +1,8 @@
 """vzpy's own network lock for a suspended CT: an nftables table in the CT's netns dropping all but lo.
 
-Peers see a pause (packets dropped, no RST). The table lives in the CT's netns, so CRIU dumps it with
+Peers see a pause (packets dropped, no RST); a copy of what they send meanwhile is kept by
+vzpy.runtime.tcpkick and delivered into the CT when it runs again, so that they need not wait for their
+next backed-off retransmission. The table lives in the CT's netns, so CRIU dumps it with
 the netns and restores it with the CT: a restored CT stays locked until `restore --resume` removes it.
 CRIU itself is then told not to lock (network_lock=skip).
 """

@@ -1,4 +1,4 @@
-"""Build the fidelity workload: one statically linked binary, cached by the hash of source and flags."""
+"""Build the workloads (fidelity.c, dirtier.c): statically linked binaries, cached by the hash of source and flags."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fidelity.c")
+DIRTIER_SOURCE = Path(__file__).with_name("dirtier.c")
 CFLAGS: tuple[str, ...] = ("-std=gnu11", "-static", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror")
 LIBS: tuple[str, ...] = ("-lm",)
 
@@ -24,21 +25,30 @@ def _compiler() -> str:
     return cc
 
 
-def _digest(cc: str) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+def _digest(cc: str, source: Path) -> str:
+    h = hashlib.sha256(source.read_bytes())
     h.update("\0".join((cc, *CFLAGS, *LIBS)).encode())
     return h.hexdigest()[:16]
 
 
 def build_fidelity(out_dir: Path) -> Path:
     """Compile fidelity.c into out_dir (once per source version) and return the binary's path."""
+    return _build(SOURCE, out_dir)
+
+
+def build_dirtier(out_dir: Path) -> Path:
+    """Compile dirtier.c (memory that keeps being rewritten, for pre-copy) into out_dir; the binary's path."""
+    return _build(DIRTIER_SOURCE, out_dir)
+
+
+def _build(source: Path, out_dir: Path) -> Path:
     cc = _compiler()
-    binary = Path(out_dir) / f"fidelity-{_digest(cc)}"
+    binary = Path(out_dir) / f"{source.stem}-{_digest(cc, source)}"
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
     tmp = binary.with_name(f"{binary.name}.tmp{os.getpid()}")
-    cmd = [cc, *CFLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(source), *LIBS]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 VENV ?= /opt/vzpy/venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit lint bench clean mutation
+.PHONY: setup demo test unit lint bench clean mutation lab-image lab-up lab-down lab-demo
 setup:
 	bash scripts/setup.sh
 
@@ -28,3 +28,19 @@ bench: setup
 #   make mutation MODULE=criu/options.py
 mutation: setup
 	bash scripts/mutation.sh $(MODULE)
+
+# The VM lab (vzpy_lab.vm: QEMU guests with Debian 12's stock kernel, for pre-copy and post-copy tests). Its
+# tests (tests/integration/lab) run with `make test`; these build the cached image ahead of time, or keep a
+# lab up by hand for poking at it (`make lab-up` prints how to reach it; `make lab-down` or ^C stops it).
+lab-image: setup
+	bash scripts/lab-image.sh
+
+lab-up: setup
+	PYTHONPATH=src $(PY) -m vzpy_lab.vm.lab up
+
+lab-down: setup
+	PYTHONPATH=src $(PY) -m vzpy_lab.vm.lab down
+
+# Boots the lab, then moves a CT vm1 -> vm2 with pre-copy and back with post-copy (prints `lab-json:` lines).
+lab-demo: setup
+	PYTHONPATH=src $(PY) -m vzpy_lab.vm.demo

@@ -5,6 +5,7 @@ packages=(
   rsync openssh-client openssh-server iproute2 nftables iptables util-linux procps
   busybox-static debootstrap patchelf zstd tar xz-utils ca-certificates
   debian-archive-keyring python3-venv tmux gcc libc6-dev
+  qemu-system-x86 qemu-utils e2fsprogs  # the VM lab (make lab-image; tests/integration/lab)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -23,4 +23,32 @@ site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 echo "$CRIU_PREFIX/pycriu" >"$site/vzpy-pycriu.pth"
 "$VENV/bin/python" -c 'import pycriu, vzpy' || { echo "vzpy setup: pycriu or vzpy not importable" >&2; exit 1; }
 ln -sf "$VENV/bin/vzpy" /usr/local/sbin/vzpy
+
+# vzpy also answers to vzctl, vzlist and vzmigrate (it reads their syntax when invoked under those names):
+# links in /usr/local/sbin, each only where no real one is installed, so a real OpenVZ tool is never
+# shadowed. VZPY_VZCTL_NAMES=no skips this.
+ours() { [ -L "$1" ] && [ "$(readlink "$1")" = "$VENV/bin/vzpy" ]; }
+real_tool() {  # a program of that name that is not our link, on PATH or in the usual places
+  local name=$1 path
+  for path in $(type -ap "$name") /usr/sbin/"$name" /sbin/"$name" /usr/bin/"$name" /bin/"$name"; do
+    if [ -e "$path" ] && ! ours "$path" && [ "${path#"$VENV"/bin/}" = "$path" ]; then
+      echo "$path"
+      return 0
+    fi
+  done
+  return 1
+}
+if [ "${VZPY_VZCTL_NAMES:-yes}" != no ]; then
+  for name in vzctl vzlist vzmigrate; do
+    link=/usr/local/sbin/$name
+    if real=$(real_tool "$name"); then
+      if ours "$link"; then rm -f "$link"; fi
+      echo "vzpy setup: $real exists: not shadowed, no $link link (use \`vzpy\` for vzpy)"
+    else
+      ln -sfn "$VENV/bin/vzpy" "$link"
+      echo "vzpy setup: $link -> vzpy (vzpy answers to $name's syntax; VZPY_VZCTL_NAMES=no skips it)"
+    fi
+  done
+fi
+VZPY_VENV=$VENV bash scripts/install-extras.sh
 echo "vzpy setup: done; $(command -v vzpy) -> $VENV/bin/vzpy"

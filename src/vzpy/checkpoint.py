@@ -14,7 +14,7 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from vzpy.criu import CgroupMode, Criu, CriuOptions, NetworkLock, require_criu
 from vzpy.criu import images as criu_images
 from vzpy.errors import BadConfig, ChkpntError, InvalidSyntax, NetworkError, RestoreError, VzError
 from vzpy.host import cpu
-from vzpy.runtime import network
+from vzpy.runtime import network, tcpkick
 from vzpy.runtime.cgroups import CONTROLLERS
 from vzpy.scratch import private_dir, work_dir
 from vzpy.stage import Action, Progress, Stage
@@ -248,6 +248,8 @@ def suspend(ct: Container, progress: Progress) -> None:
     entry = stage.enter(ct, Action.SUSPEND)
     entry.state.frozen_since = time.time()
     try:
+        # what peers send while the CT is frozen is kept, and delivered when it runs (vzpy.runtime.tcpkick)
+        tcpkick.hold(ct, entry.state.veth or ct.veth)
         netlock.lock(entry.state.init_pid)
         ct.cgroups.freeze()
     except BaseException:
@@ -338,6 +340,7 @@ def _unfreeze(ct: Container, state: RunState, *, restored: bool) -> float:
         netlock.unlock(state.init_pid)
     if ct.cgroups.freezer_state() != "THAWED":
         ct.cgroups.thaw()
+    tcpkick.deliver_held(ct, state)
     return time.time() - state.frozen_since if state.frozen_since else 0.0
 
 
@@ -348,16 +351,24 @@ def dump_images(
     *,
     state: RunState | None = None,
     timeout: float | None = None,
+    parent: str | None = None,
+    lazy: bool = False,
+    on_images: Callable[[], None] | None = None,
 ) -> list[str]:
     """CRIU's images of the suspended CT into `images` (it stays frozen); with page_server, the memory
     pages go there instead (a page server on the destination of a migration). With `timeout`, a dump still
     running after that many seconds is stopped (ChkpntError) and the CT left intact, still frozen.
+
+    Pre-copy: `parent` names the last pre-dump's images dir (relative to `images`): only pages changed since
+    are sent. Post-copy (`lazy`): CRIU serves the pages itself on `page_server` and returns only once they
+    were all fetched; `on_images` is called as soon as every other image is written.
 
     Returns the files CRIU linked into the CT's tree for open files whose name was unlinked: the restore
     needs them, so they stay (recorded in the CT's state) until the CT resumes."""
     state = state or ct.load_state()
     options = _dump_options(ct, state, images)
     options.page_server = page_server
+    options.track_mem, options.parent_img, options.lazy_pages = parent is not None, parent, lazy
     # A task that is both stopped and frozen cannot be ptrace-attached: the kernel waits for it to move
     # from stopped to traced, which a frozen task never does (CRIU hangs in D state). So CRIU then seizes
     # the tree itself: thawed just before it seizes (network still locked), frozen again before it lets go.
@@ -375,6 +386,8 @@ def dump_images(
                 cgroups.freeze()
             # CRIU removes its link-remap files once a tree it leaves running is dumped: hold them
             kept.extend(linkremap.hold(ct, criu_images.linked_remaps(images)))
+            if on_images is not None:
+                on_images()
 
     locks_before = netlock.criu_locks(state.init_pid)
     try:
@@ -395,6 +408,19 @@ def dump_images(
     if kept:
         stage.remember(ct, state, link_remaps=[*state.link_remaps, *kept])
     return kept
+
+
+def pre_dump_images(ct: Container, images: Path, page_server: tuple[str, int], *, parent: str | None) -> None:
+    """Pre-copy: the running CT's memory to `page_server` while it keeps running (CRIU freezes it only while
+    it collects the pages); `parent`, the previous pre-dump's images dir relative to `images`: only the pages
+    changed since then go. Needs soft-dirty tracking (mem_dirty_track)."""
+    options = _dump_options(ct, ct.load_state(), images)
+    options.log_file = "pre-dump.log"
+    options.page_server = page_server
+    options.track_mem, options.parent_img = True, parent
+    if stopped_tasks(ct):  # see dump_images: CRIU seizes such a tree itself, task by task
+        options.freeze_cgroup = None
+    _criu(ct).pre_dump(options)
 
 
 def stopped_tasks(ct: Container) -> list[int]:
@@ -489,7 +515,7 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
 def restore_resume(ct: Container, progress: Progress) -> None:
     entry = stage.enter(ct, Action.RESTORE_RESUME)
     _unfreeze(ct, entry.state, restored=True)
-    entry.commit(frozen_since=0.0)
+    entry.commit(frozen_since=0.0, dumpfile="")  # restored: the dump no longer waits (`vzpy status`, `start`)
     progress(f"CT {ct.ctid} resumed")
 
 
@@ -501,8 +527,9 @@ def restore_kill(ct: Container, progress: Progress) -> None:
     progress(f"CT {ct.ctid} killed; it is stopped and its dump file is kept")
 
 
-def restore_images(ct: Container, images: Path, *, timeout: float | None = None) -> int:
-    """Restore the CT's processes from CRIU's images in `images`, frozen (undumped). Returns the init pid."""
+def restore_images(ct: Container, images: Path, *, timeout: float | None = None, lazy: bool = False) -> int:
+    """Restore the CT's processes from CRIU's images in `images`, frozen (undumped). Returns the init pid.
+    `lazy`: memory pages come later from a `criu lazy-pages` daemon working in log_dir(ct) (post-copy)."""
     entry = stage.enter(ct, Action.UNDUMP)
     linkremap.reinstate(ct, entry.state.link_remaps)  # held by a restore that was killed
     # CRIU consumes its link-remap files even when the restore fails: hold them for a retry
@@ -521,7 +548,9 @@ def restore_images(ct: Container, images: Path, *, timeout: float | None = None)
             if script == "pre-resume":
                 cgroups.freeze()
 
-        init_pid = _criu(ct, timeout).restore(_restore_options(ct, images), notify=on_notify)
+        options = _restore_options(ct, images)
+        options.lazy_pages = lazy
+        init_pid = _criu(ct, timeout).restore(options, notify=on_notify)
         network.configure_host_side(ct.veth, ct.ips)
         entry.commit(
             init_pid=init_pid,

@@ -107,12 +107,16 @@ class IpInUse(VzError):
     exit_code = 78  # VZ_IP_INUSE
 
 
+class StartDisabled(VzError):
+    exit_code = 105  # VZ_VE_START_DISABLED: DISABLED=yes in the CT's config
+
+
 class TemplateNotFound(VzError):
     exit_code = 91  # VZ_PKGSET_NOT_FOUND
 
 
 class NetworkError(VzError):
-    exit_code = 136  # VZ_VETH_ERROR
+    exit_code = 130  # VZ_VETH_ERROR (vzctl's include/vzerror.h)
 
 
 class CtFileError(VzError):

@@ -1,4 +1,5 @@
-"""Running commands inside a live CT: exec (argv; stdio and exit code pass through), enter (a shell on a pty).
+"""Running commands inside a live CT: exec (argv, or a line for the CT's shell; stdio and exit code pass through),
+enter (a shell on a pty).
 
 Nothing of the host reaches the CT, so whatever the command leaves running stays checkpointable:
 - vzpy forks a *helper* that joins the CT's cgroups and namespaces (mount last: it changes what /proc and
@@ -58,6 +59,16 @@ def _require_running(ct: Container) -> int:
 
 def exec_in(ct: Container, argv: Sequence[str]) -> int:
     """Run argv in the CT with stdio relayed through pipes; returns its exit code (128+N if killed by N)."""
+    return _exec_piped(ct, lambda: _execvp(argv))
+
+
+def exec_shell(ct: Container, line: str | None) -> int:
+    """Run a command line with the CT's shell (its /bin/bash, else /bin/sh) as vzctl exec does; with None the
+    shell reads its commands from stdin. Stdio relayed through pipes; returns the shell's exit code."""
+    return _exec_piped(ct, lambda: _exec_shell(() if line is None else ("-c", line)))
+
+
+def _exec_piped(ct: Container, run: Callable[[], None]) -> int:
     init_pid = _require_running(ct)
     stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
     stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -65,7 +76,7 @@ def exec_in(ct: Container, argv: Sequence[str]) -> int:
 
     def command() -> None:
         _become_ct_process((stdin_r, stdout_w, stderr_w))
-        _execvp(argv)
+        run()
 
     try:
         helper = _start(ct, init_pid, command)
@@ -450,6 +461,20 @@ def _execvp(argv: Sequence[str]) -> None:
     except PermissionError:
         os.write(2, f"vzpy: {argv[0]}: permission denied in the CT\n".encode())
         os._exit(126)
+
+
+def _exec_shell(args: Sequence[str]) -> None:
+    """The CT's own shell, looked up inside the CT (the command runs in its mount namespace)."""
+    for path in SHELLS:
+        try:
+            os.execve(path, [path, *args], CT_ENV)
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            os.write(2, f"vzpy: {path}: permission denied in the CT\n".encode())
+            os._exit(126)
+    os.write(2, f"vzpy: no shell ({', '.join(SHELLS)}) in the CT\n".encode())
+    os._exit(127)
 
 
 def _child(body: Callable[[], object]) -> None:

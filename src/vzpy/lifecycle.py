@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import psutil
 
-from vzpy import scratch, stage
+from vzpy import config, scratch, stage
 from vzpy.config import ConfFile, default_hostname, parse_size, physpages_problem, shown
-from vzpy.container import Container, RunState, start_ticks
+from vzpy.container import LIMIT_KEYS, Container, RunState, limits_of, start_ticks
 from vzpy.errors import (
+    AlreadyRunning,
     BadConfig,
     CtFileError,
     DestroyFailed,
@@ -25,12 +27,13 @@ from vzpy.errors import (
     NoDiskSpace,
     PrivateExists,
     PrivateNotFound,
+    StartDisabled,
     StopFailed,
     VzError,
 )
 from vzpy.execution import set_hostname
 from vzpy.host import addresses, mounts
-from vzpy.runtime import linux, network
+from vzpy.runtime import linux, network, quota, resolver
 from vzpy.runtime.ctfs import CtRoot
 from vzpy.runtime.launcher import InitSpec, launch
 from vzpy.stage import Action, Progress, Stage, quiet
@@ -38,7 +41,7 @@ from vzpy.templates import TemplateStore
 from vzpy.units import human_size
 
 MIN_FREE_BYTES = 64 << 20
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 120.0  # vzctl's default wait for init to shut the CT down; STOP_TIMEOUT overrides it
 
 
 # --- create / destroy
@@ -82,7 +85,7 @@ def create(
 def destroy(ct: Container) -> None:
     stage = ct.stage()
     if stage is not Stage.STOPPED:
-        raise VzError(f"CT {ct.ctid} is {stage.value}; stop it first with `vzpy stop {ct.ctid}`")
+        raise AlreadyRunning(f"CT {ct.ctid} is {stage.value}; stop it first with `vzpy stop {ct.ctid}`")
     ct.check_areas()  # destroy deletes these: they must be this CT's own
     cleanup_leftovers(ct, ct.load_state())
     refuse_mounts_in_areas(ct)
@@ -124,6 +127,7 @@ def _ip_owners(others: Sequence[Container]) -> Iterator[addresses.Owner]:
 
 
 def start(ct: Container, progress: Progress = quiet) -> RunState:
+    refuse_disabled(ct)
     entry = stage.enter(ct, Action.START)
     scratch.remove_leftovers(ct)
     cleanup_leftovers(ct, entry.state)
@@ -133,6 +137,8 @@ def start(ct: Container, progress: Progress = quiet) -> RunState:
     progress(f"Starting CT {ct.ctid} ...")
     mount_root(ct)
     _write_hostname(ct)
+    _write_resolver(ct, ct.nameservers, ct.searchdomains)
+    quota.enforce(ct.ctid, ct.private, ct.disk_limits)
     cgroups = ct.cgroups
     try:
         cgroups.create()
@@ -149,6 +155,7 @@ def start(ct: Container, progress: Progress = quiet) -> RunState:
         cleanup_leftovers(ct, RunState(veth=ct.veth, ips=ct.ips))
         stage.persist(ct, entry.state, Stage.STOPPED)
         raise
+    announce(ct, ct.ips)
     state = entry.commit(
         init_pid=init_pid,
         init_started=psutil.Process(init_pid).create_time(),
@@ -162,14 +169,36 @@ def start(ct: Container, progress: Progress = quiet) -> RunState:
     return state
 
 
+def announce(ct: Container, ips: Sequence[str]) -> None:
+    """Gratuitous ARP for the CT's new addresses on vz.conf's NEIGHBOUR_DEVS, as vzctl does at start (best
+    effort: the CT runs already)."""
+    devs = ct.gconf.neighbour_devs
+    for ip in ips:
+        try:
+            network.announce(ip, (ct.veth,), devs.mode, devs.devices)
+        except (VzError, OSError) as e:
+            config.warn(f"CT {ct.ctid}: cannot announce {ip} ({e}); peers learn it when their ARP entry expires")
+
+
+def refuse_disabled(ct: Container) -> None:
+    """vzctl refuses to start a CT whose config says DISABLED=yes."""
+    if ct.disabled:
+        where = ct.conf.where("DISABLED") if ct.conf.get("DISABLED") else ct.gconf.where("DISABLED")
+        raise StartDisabled(
+            f"CT {ct.ctid} is disabled (DISABLED=yes at {where}); enable it with "
+            f"`vzpy set {ct.ctid} --disabled no --save`"
+        )
+
+
 def stop(ct: Container, *, fast: bool = False, progress: Progress = quiet) -> None:
+    timeout = stop_timeout(ct)  # a bad STOP_TIMEOUT is refused before anything stops
     entry = stage.enter(ct, Action.STOP)
     scratch.remove_leftovers(ct)
     progress(f"Stopping CT {ct.ctid} ...")
-    if not fast:
-        _terminate(ct, entry.state)
+    if not fast and not _terminate(ct, entry.state, timeout):
+        progress(f"CT {ct.ctid} did not stop within {timeout:g}s (STOP_TIMEOUT); killing it")
     cleanup_leftovers(ct, entry.state)
-    entry.commit()
+    entry.commit(dumpfile="")  # a dump taken while it ran no longer waits to be restored by `start`
     progress(f"CT {ct.ctid} stopped")
 
 
@@ -182,17 +211,23 @@ def kill(ct: Container) -> None:
     stage.persist(ct, state, Stage.STOPPED)
 
 
-def _terminate(ct: Container, state: RunState) -> None:
-    """Ask init to shut the CT down (SIGTERM); wait for the CT to empty."""
+def stop_timeout(ct: Container) -> float:
+    """How long stop waits for init to shut the CT down: STOP_TIMEOUT (CTID.conf, else vz.conf); unset or 0
+    means vzctl's default, 120 s."""
+    return float(ct.stop_timeout or STOP_TIMEOUT)
+
+
+def _terminate(ct: Container, state: RunState, timeout: float) -> bool:
+    """Ask init to shut the CT down (SIGTERM); wait for the CT to empty. False if it did not within timeout."""
     if ct.cgroups.freezer_state() != "THAWED":
         ct.cgroups.thaw()
     if state.init_pid <= 0 or not state.init_alive():
-        return
+        return True
     try:
         os.kill(state.init_pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
-    _wait_empty(ct, STOP_TIMEOUT)
+        return True
+    return _wait_empty(ct, timeout)
 
 
 def kill_all(ct: Container) -> None:
@@ -228,7 +263,7 @@ def cleanup_leftovers(ct: Container, state: RunState) -> None:
     if ct.cgroups.exists():
         kill_all(ct)
     for ip in state.ips:
-        network.del_host_route(ip)
+        network.del_host_route(ip, state.veth or ct.veth)
     network.delete_veth(state.veth or ct.veth)
     umount_root(ct)
     ct.cgroups.remove()
@@ -274,6 +309,14 @@ def _write_hostname(ct: Container) -> None:
             raise CtFileError(f"CT {ct.ctid}: {e.message}; fix or remove the CT's /etc/hostname") from e
 
 
+def _write_resolver(ct: Container, nameservers: list[str] | None, searchdomains: list[str] | None) -> None:
+    """NAMESERVER/SEARCHDOMAIN into the CT's /etc/resolv.conf, resolved inside the CT's root."""
+    try:
+        resolver.write_ct_resolv_conf(ct.root, nameservers, searchdomains)
+    except CtFileError as e:
+        raise CtFileError(f"CT {ct.ctid}: {e.message}; fix or remove the CT's /etc/resolv.conf") from e
+
+
 # --- set
 
 
@@ -286,10 +329,14 @@ def apply_settings(
     memory: str | None = None,
     cpus: float | None = None,
     numproc: int | None = None,
+    keys: Mapping[str, str] | None = None,
     save: bool,
     others: Sequence[Container],
 ) -> list[str]:
-    """Apply to the running CT and/or save to CTID.conf; returns notes for the operator."""
+    """Apply to the running CT and/or save to CTID.conf; returns notes for the operator.
+
+    `keys` are config keys in vzctl's syntax (CPUUNITS="1000", NAMESERVER="10.0.0.1 10.0.0.2", ...). Only
+    what is asked is changed, live and in the file: a live change made earlier without --save stays."""
     conf = ct.conf
     ct.check_areas()
     running = ct.stage() is Stage.RUNNING
@@ -298,39 +345,58 @@ def apply_settings(
     for ip in (*add_ips, *del_ips):
         network.parse_ip(ip)
     _check_ips_free(ct.ctid, add_ips, others)
-    ips = [ip for ip in ct.ips if ip not in del_ips] + [ip for ip in add_ips if ip not in ct.ips]
+    changes = dict(keys or {})
     if memory is not None:
-        parse_size(memory, what="memory")
-        if problem := physpages_problem(memory):
-            raise InvalidValue(f"invalid memory {shown(memory)}: {problem}")
-        conf.set("PHYSPAGES", f"0:{memory}")
+        changes["PHYSPAGES"] = _physpages_of_memory(memory)
     if cpus is not None:
-        conf.set("CPUS", f"{cpus:g}")
+        changes["CPUS"] = f"{cpus:g}"
     if numproc is not None:
-        conf.set("NUMPROC", f"{numproc}:{numproc}")
+        changes["NUMPROC"] = f"{numproc}:{numproc}"
     if hostname is not None:
-        conf.set("HOSTNAME", hostname)
-    conf.set("IP_ADDRESS", " ".join(ips))
+        changes["HOSTNAME"] = hostname
+    if add_ips or del_ips:
+        ips = [ip for ip in ct.ips if ip not in del_ips] + [ip for ip in add_ips if ip not in ct.ips]
+        changes["IP_ADDRESS"] = " ".join(ips)
+    for key, value in changes.items():
+        conf.set(key, value)  # InvalidValue (21) for a bad value, before anything is applied
     if running:
-        _apply_live(ct, hostname, add_ips, del_ips)
+        _apply_live(ct, set(changes), add_ips, del_ips)
     if save:
         conf.save()
         return []
     return [f"settings applied to the running CT {ct.ctid} only; add --save to keep them after a restart"]
 
 
-def _apply_live(ct: Container, hostname: str | None, add_ips: Sequence[str], del_ips: Sequence[str]) -> None:
+def _physpages_of_memory(memory: str) -> str:
+    """--memory (bytes, with K/M/G/T/P) as PHYSPAGES: kept as written when vzctl reads it the same."""
+    size = parse_size(memory, what="memory")
+    if problem := physpages_problem(f"{size}B"):
+        raise InvalidValue(f"invalid memory {shown(memory)}: {problem}")
+    return f"0:{memory.upper()}" if re.fullmatch(r"[0-9]+[KMGTP]", memory, re.IGNORECASE) else f"0:{size}B"
+
+
+def _apply_live(ct: Container, changed: set[str], add_ips: Sequence[str], del_ips: Sequence[str]) -> None:
     state = ct.load_state()
-    ct.cgroups.apply(ct.limits)
-    if hostname is not None:
-        set_hostname(state.init_pid, hostname)
+    limit_keys = changed & set(LIMIT_KEYS)
+    if limit_keys & {"CPUS", "CPULIMIT"}:
+        limit_keys |= {"CPUS", "CPULIMIT"}  # the CFS quota is the lower of the two
+    if limit_keys:
+        ct.cgroups.apply(limits_of(ct.setting, limit_keys))
+    if "HOSTNAME" in changed:
+        set_hostname(state.init_pid, ct.hostname)
         _write_hostname(ct)
+    if changed & {"NAMESERVER", "SEARCHDOMAIN"}:
+        nameservers = ct.nameservers if "NAMESERVER" in changed else None
+        _write_resolver(ct, nameservers, ct.searchdomains if "SEARCHDOMAIN" in changed else None)
+    if changed & {"DISKSPACE", "DISKINODES"}:
+        quota.enforce(ct.ctid, ct.private, ct.disk_limits)
     for ip in del_ips:
         network.del_ct_address(state.init_pid, ip)
-        network.del_host_route(ip)
+        network.del_host_route(ip, state.veth)
     for ip in add_ips:
         network.add_ct_address(state.init_pid, ip)
         network.add_host_route(state.veth, ip)
+    announce(ct, add_ips)
     stage.remember(ct, state, ips=ct.ips)
 
 
@@ -338,6 +404,9 @@ def check_config(ct: Container) -> None:
     """Fail early on values that would only break at start."""
     ct.limits  # noqa: B018 - parsing is the check; a bad value is BadConfig naming its file:line
     ct.hostname  # noqa: B018
+    ct.nameservers  # noqa: B018
+    ct.searchdomains  # noqa: B018
+    ct.disk_limits  # noqa: B018
     try:
         for ip in ct.ips:
             network.parse_ip(ip)

@@ -99,7 +99,8 @@ def check_sequence(ctid: str, stage: Stage, actions: Sequence[Action]) -> Stage:
 def _wrong_stage(ctid: str, stage: Stage, action: Action) -> VzError:
     allowed = ", ".join(f"`vzpy {a.value.split()[0]} {ctid}{_flag(a)}`" for a in allowed_actions(stage))
     message = f"CT {ctid} is {stage.value}: `{action.value}` is not allowed now; allowed next: {allowed}"
-    if action is Action.START and stage in LIVE_STAGES:
+    # vzctl: start of a live CT, or restore of a running one, is "already running" (VZ_VE_RUNNING)
+    if (action is Action.START and stage in LIVE_STAGES) or (action is Action.UNDUMP and stage is Stage.RUNNING):
         return AlreadyRunning(
             f"CT {ctid} is already {stage.value}" + ("" if stage is Stage.RUNNING else f"; allowed next: {allowed}")
         )
@@ -203,16 +204,25 @@ def enter(ct: Container, action: Action) -> Entry:
 
 
 def persist(ct: Container, state: RunState, stage: Stage, *, pending: bool = False) -> RunState:
-    """Write `stage` as the CT's stage; a settled stage clears the pending mark. STOPPED clears the file."""
+    """Write `stage` as the CT's stage; a settled stage clears the pending mark. STOPPED clears the file, unless
+    it records the dump the CT was checkpointed to: that dump waits for `start` (vzctl's `suspended`)."""
     state.stage = stage
     if not pending:
         state.pending = ""
         state.pending_from = ""
     if stage is Stage.STOPPED and not pending:
         ct.clear_state()
+        if state.dumpfile:
+            ct.save_state(_waiting(state.dumpfile))
     else:
         ct.save_state(state)
     return state
+
+
+def _waiting(dumpfile: str) -> RunState:
+    from vzpy.container import RunState
+
+    return RunState(stage=Stage.STOPPED, dumpfile=dumpfile)
 
 
 def remember(ct: Container, state: RunState, **fields: Any) -> None:

@@ -146,11 +146,13 @@ def test_stages_out_of_order_are_refused_before_anything_changes(fidelity_ct) ->
         (["chkpnt", ctid, "--kill"], "allowed next"),
         (["chkpnt", ctid, "--resume"], "allowed next"),
         (["restore", ctid, "--resume"], "allowed next"),
-        (["restore", ctid, "--undump"], "running"),
     ):
         result = vz.run(*args)
         assert result.returncode == 16, (args, result.stderr)
         assert words in result.stderr and "CT 101 is running" in result.stderr
+    for args in (["restore", ctid, "--undump"], ["restore", ctid]):  # vzctl: restore of a running CT is 32
+        result = vz.run(*args)
+        assert result.returncode == 32 and "CT 101 is already running" in result.stderr, (args, result.stderr)
     assert stage_of(vz, ctid) == "running"
     assert vz.run("chkpnt", ctid, "--kill", "--resume").returncode == 20
     vz.run("chkpnt", ctid, "--suspend", check=True)

@@ -55,7 +55,7 @@ def test_a_dump_file_inside_the_cts_area_is_not_restored(running_ct: tuple[VzRoo
     result = vz.run("restore", ctid, "--dumpfile", str(planted), "--skip-fs-check")
     assert result.returncode == 17, result.stderr
     assert f"inside CT {ctid}'s area" in result.stderr
-    assert status(vz, ctid).endswith("down")
+    assert status(vz, ctid).endswith("down suspended")  # its own dump still waits
 
 
 # --- every CRIU run has a deadline: CRIU_TIMEOUT must be a finite number of seconds
@@ -113,7 +113,7 @@ def test_a_file_in_the_way_of_the_log_dir_is_refused_before_the_ct_is_suspended(
     assert restored.stderr == f"vzpy: error: cannot make directory {logs}: File exists; " + (
         "remove what is in the way or change DUMPDIR in vz.conf\n"
     )
-    assert status(vz, ctid).endswith("down")
+    assert status(vz, ctid).endswith("down suspended")
     vz.run("start", ctid, check=True)
     dumped = vz.run("chkpnt", ctid)
     assert dumped.returncode != 0 and "internal error" not in dumped.stderr, dumped.stderr

@@ -32,9 +32,13 @@ def test_unparsable_entries_match_nothing() -> None:
 def test_configured_owners_reads_every_ct_conf(tmp_path: Path) -> None:
     (tmp_path / "101.conf").write_text('IP_ADDRESS="10.0.0.1 10.0.0.2"\n')
     (tmp_path / "102.conf").write_text('HOSTNAME="x"\n')
-    (tmp_path / "103.conf").write_text("not a config line\n")
+    (tmp_path / "103.conf").write_text('not a config line\nIP_ADDRESS="10.0.0.7"\n')  # vzctl skips the line
     (tmp_path / "104.conf.destroyed").write_text('IP_ADDRESS="10.0.0.3"\n')
-    assert list(configured_owners(tmp_path)) == [("101", ["10.0.0.1", "10.0.0.2"]), ("102", [])]
+    assert list(configured_owners(tmp_path)) == [
+        ("101", ["10.0.0.1", "10.0.0.2"]),
+        ("102", []),
+        ("103", ["10.0.0.7"]),
+    ]
     assert list(configured_owners(tmp_path / "missing")) == []
 
 

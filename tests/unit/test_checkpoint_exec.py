@@ -24,8 +24,8 @@ from helpers import write_vz_conf
 from vzpy import checkpoint, linkremap, scratch, stage
 from vzpy.config import GlobalConfig
 from vzpy.container import Container, RunState
-from vzpy.dumpable import NotDumpable
 from vzpy.criu import CriuOptions
+from vzpy.dumpable import NotDumpable
 from vzpy.errors import ChkpntError, MigrationInDoubt, NotRunning, RestoreError, WrongStage
 from vzpy.stage import Action, Facts, Stage
 
@@ -287,7 +287,8 @@ def test_without_a_migration_marker_resume_is_allowed(world: World) -> None:
 def test_full_chkpnt_suspends_dumps_and_kills_in_order(world: World) -> None:
     checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
     assert world.events == ["dumpable?", "lock", "freeze", "criu dump", "write", "kill"]
-    assert not world.ct.state_path.exists()
+    waiting = world.ct.load_state()  # stopped, its dump waiting for `start` (vzctl's `suspended`)
+    assert (waiting.stage, waiting.dumpfile, waiting.init_pid) == (S.STOPPED, str(_target(world).path), 0)
     options = world.criu.options[0]
     assert options.leave_running and options.link_remap and options.freeze_cgroup is not None
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,14 +24,18 @@ from vzpy.config import GlobalConfig
 from vzpy.container import Container, RunState
 from vzpy.errors import ChkpntError, VzError
 from vzpy.migrate import (
+    CheckpointFailed,
     ConnectionBroken,
     CopyFailed,
+    MigrateError,
     MigrateUsage,
     MigrationLocked,
     RestoreFailed,
     fault,
     flow,
     marker,
+    paths,
+    precopy,
 )
 from vzpy.migrate.ssh import Target
 from vzpy.stage import Stage
@@ -49,6 +54,19 @@ class World:
     committed: bool = False
     usable: bool = True
     remote_state: str = "prepared"  # what recover_state says
+    source_facts: dict[str, Any] = field(default_factory=lambda: facts())  # this host's (no soft-dirty)
+    dest_facts: dict[str, Any] = field(default_factory=lambda: facts())
+    predump_pages: list[int] = field(default_factory=list)  # pages each pre-dump writes
+    frozen_pages: int = 50  # pages the final dump writes
+    lazy_pages: int = 0  # pages a lazy dump serves after the restore there
+    page_servers: list[tuple[str, str]] = field(default_factory=list)  # (subdir, parent) started there
+    dump_parents: list[str | None] = field(default_factory=list)  # what the dumps were told to build on
+    lazy_release: threading.Event = field(default_factory=threading.Event)  # the lazy dump may end
+    stats: dict[str, int] = field(default_factory=dict)  # what the last (fake) CRIU dump counted
+    lazy_never_ready: bool = False  # the lazy dump never says its images are written
+
+    def predumps(self) -> int:
+        return self.names("src").count("pre-dump")
 
     def did(self, side: str, what: str) -> None:
         self.journal.append((side, what))
@@ -57,10 +75,22 @@ class World:
         return [what for s, what in self.journal if s == side]
 
 
+def facts(dirty: bool = False, lazy: bool | None = False) -> dict[str, Any]:
+    """A host's migration facts (HostCapabilities.migration_facts)."""
+    return {
+        "kernel": "6.1.0-test",
+        "criu_version": "4.2.1",
+        "mem_dirty_track": dirty,
+        "page_server": True,
+        "lazy_pages": lazy,
+        "lazy_pages_note": "" if lazy else "tee: Operation not permitted",
+    }
+
+
 class FakeAgent:
     def __init__(self, world: World) -> None:
         self.world = world
-        self.hello: dict[str, Any] = {}
+        self.hello: dict[str, Any] = {"criu": {"ok": True, "migration": world.dest_facts}}
 
     @property
     def usable(self) -> bool:
@@ -89,8 +119,15 @@ class FakeAgent:
     def prepare(self, ctid: str, conf_text: str, *, token: str, keep_dst: bool = False) -> dict[str, Any]:
         return self._call("prepare", {"private": "/vz/private/101", "images_dir": "/vz/dump/Migrate.101/images"})
 
-    def page_server_start(self, ctid: str, subdir: str = "") -> int:
+    def page_server_start(self, ctid: str, subdir: str = "", parent: str = "") -> int:
+        self.world.page_servers.append((subdir, parent))
         return self._call("page_server_start", 4321)
+
+    def lazy_port(self, ctid: str) -> int:
+        return self._call("lazy_port", 4322)
+
+    def lazy_wait(self, ctid: str, *, timeout: float) -> int:
+        return self._call("lazy_wait", 0)
 
     def page_server_wait(self, ctid: str, subdir: str = "", timeout: float = 600) -> int:
         return self._call("page_server_wait", 1000)
@@ -101,11 +138,13 @@ class FakeAgent:
     def put_images(self, ctid: str, files: Any, *, timeout: float | None = None) -> int:
         return self._call("put_images", len(files))
 
-    def restore(self, ctid: str, fs_fingerprint: Any, *, timeout: float = 600) -> int:
-        return self._call("restore", 77)
+    def restore(self, ctid: str, fs_fingerprint: Any, *, timeout: float = 600, lazy_port: int | None = None) -> int:
+        return self._call("restore" if lazy_port is None else "lazy restore", 77)
 
-    def resume(self, ctid: str, *, timeout: float) -> dict[str, Any]:
-        return self._call("resume", {"announced": ["eth0"], "frozen": 0.5}, commit=True)
+    def resume(self, ctid: str, *, timeout: float, held: Any = None) -> dict[str, Any]:
+        reply = self._call("resume", {"announced": ["eth0"], "frozen": 0.5}, commit=True)
+        self.world.lazy_release.set()  # it runs there: the lazy pages go
+        return reply
 
     def start(self, ctid: str, *, start: bool, timeout: float) -> dict[str, Any]:
         return self._call("start", {}, commit=True)
@@ -146,6 +185,12 @@ class FakeTunnel:
     def close(self) -> None:
         self.world.did("src", "tunnel down")
 
+    def __enter__(self) -> FakeTunnel:  # a pre-dump's own tunnel: not journaled
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
 
 @pytest.fixture
 def gconf(tmp_path: Path) -> GlobalConfig:
@@ -181,10 +226,40 @@ def world(gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
 
         return act
 
+    def dump_images(ct: Container, images: Path, *args: Any, **kw: Any) -> None:
+        lazy = kw.get("lazy", False)
+        w.did("src", "lazy dump" if lazy else "dump")
+        w.dump_parents.append(kw.get("parent"))
+        if "dump" in w.fail:
+            raise w.fail["dump"]
+        if lazy:
+            if not w.lazy_never_ready:
+                kw["on_images"]()
+            if not w.lazy_release.wait(10):
+                raise ChkpntError("the fake lazy dump was never released")
+            if "lazy pages" in w.fail:
+                raise w.fail["lazy pages"]
+        w.stats = {"pages_written": w.frozen_pages, "pages_lazy": w.lazy_pages if lazy else 0}
+
+    def pre_dump_images(ct: Container, images: Path, page_server: Any, *, parent: str | None) -> None:
+        w.did("src", "pre-dump")
+        w.dump_parents.append(parent)
+        if "pre-dump" in w.fail:
+            raise w.fail["pre-dump"]
+        w.stats = {"pages_written": w.predump_pages[w.predumps() - 1], "pages_skipped_parent": 7}
+
+    logs = gconf.dumpdir / ".logs" / CTID
+
+    def dump_stats(work_dir: Path) -> dict[str, int]:
+        assert work_dir == logs  # CRIU writes its stats into its work dir, not the images dir
+        return w.stats
+
     checkpoint = SimpleNamespace(
         suspend=source("suspend", Stage.SUSPENDED),
         wake=source("wake", Stage.RUNNING),
-        dump_images=source("dump"),
+        dump_images=dump_images,
+        pre_dump_images=pre_dump_images,
+        log_dir=lambda ct: logs,
         memory_usage=lambda ct: 1 << 20,
         fs_fingerprint=lambda ct: {"files": {}},
     )
@@ -195,6 +270,12 @@ def world(gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
     monkeypatch.setattr(flow, "lifecycle", lifecycle)
     monkeypatch.setattr(flow, "connect", lambda options: (w.did("dst", "connect"), FakeLink(w))[1])
     monkeypatch.setattr(flow, "OpenSshTunnel", lambda ssh, port: FakeTunnel(w))
+    monkeypatch.setattr(flow, "ReverseSshTunnel", lambda ssh, there, here: FakeTunnel(w))
+    monkeypatch.setattr(flow, "listening", lambda address, port: True)
+    monkeypatch.setattr(flow.LazyDump, "stop", lambda self: (w.did("src", "lazy stop"), w.lazy_release.set()))
+    pagemap_pages = lambda images: (w.frozen_pages, w.lazy_pages)  # noqa: E731
+    monkeypatch.setattr(flow, "criu_images", SimpleNamespace(dump_stats=dump_stats, pagemap_pages=pagemap_pages))
+    monkeypatch.setattr(flow, "source_migration_facts", lambda ct: w.source_facts)
     monkeypatch.setattr(flow, "check", lambda *a, **kw: [])
     monkeypatch.setattr(flow, "disk_usage", lambda path: 0)
     monkeypatch.setattr(flow, "dump_blockers", lambda ct: [])
@@ -344,9 +425,9 @@ def test_the_marker_is_written_before_the_commit_request_is_sent(gconf: GlobalCo
     seen: list[bool] = []
     resume = FakeAgent.resume
 
-    def watching(self: FakeAgent, ctid: str, *, timeout: float) -> dict[str, Any]:
+    def watching(self: FakeAgent, ctid: str, *, timeout: float, held: Any = None) -> dict[str, Any]:
         seen.append(marker.path(gconf, CTID).exists())
-        return resume(self, ctid, timeout=timeout)
+        return resume(self, ctid, timeout=timeout, held=held)
 
     FakeAgent.resume = watching  # type: ignore[method-assign]
     try:
@@ -381,6 +462,258 @@ def test_a_ct_whose_migration_is_in_doubt_is_not_migrated_again(gconf: GlobalCon
     with pytest.raises(MigrationLocked, match=f"vzpy migrate --recover root@10.0.0.9 {CTID}"):
         run(ct, online=False)
     assert world.journal == []
+
+
+# --- the path: stop-and-copy, pre-copy, post-copy ------------------------------------------------------------
+
+
+def test_without_dirty_tracking_the_path_is_stop_and_copy_with_no_pre_dump(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    summary = run(ct)
+    assert summary.path == "stop-and-copy" and world.predumps() == 0 and summary.iterations == []
+    assert world.page_servers == [("", "")] and world.dump_parents == [None]
+    assert summary.pages_while_frozen == summary.pages_total == 50
+    assert any("mem_dirty_track" in reason for reason in summary.path_reasons)
+
+
+@pytest.mark.parametrize("requested", [None, "pre-copy"])
+def test_unknown_criu_facts_here_mean_stop_and_copy_or_refusing_another_path(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch, requested: str | None
+) -> None:
+    def broken(ct: Container) -> dict[str, Any]:
+        raise VzError("/bin/false --version failed")
+
+    monkeypatch.setattr(flow, "source_migration_facts", broken)
+    if requested is not None:
+        with pytest.raises(paths.PathUnavailable):
+            run(make_ct(gconf), path=requested)
+        return
+    summary = run(make_ct(gconf))
+    assert summary.path == "stop-and-copy" and "CRIU facts are unknown" in summary.path_reasons[0]
+
+
+def precopy_world(world: World, pages: list[int]) -> None:
+    world.source_facts = facts(dirty=True)
+    world.predump_pages = pages
+
+
+def test_pre_copy_sends_each_iteration_onto_the_last_and_only_the_rest_while_frozen(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    precopy_world(world, [16000, 300, 40])
+    summary = run(ct)
+    assert summary.path == "pre-copy"
+    src = world.names("src")
+    # files first, then the memory while the CT runs, then the freeze
+    assert src[: src.index("suspend") + 2] == [
+        "sync",
+        "pre-dump",
+        "pre-dump",
+        "pre-dump",
+        "tunnel up",
+        "suspend",
+        "dump",
+    ]
+    assert world.page_servers == [("pre-1", ""), ("pre-2", "pre-1"), ("pre-3", "pre-2"), ("", "pre-3")]
+    assert world.dump_parents == [None, "../pre-1", "../pre-2", "pre-3"]
+    assert [i.pages for i in summary.iterations] == [16000, 300, 40]
+    assert summary.stop_reason is not None and "small" in summary.stop_reason
+    out = summary.as_dict()
+    assert out["pages_while_frozen"] == 50 and out["pages_total"] == 16000 + 300 + 40 + 50
+    assert [set(i) for i in out["iterations"]] == [{"pages", "pages_skipped", "seconds"}] * 3
+    assert ct.conf_path.with_name(f"{CTID}.conf.migrated").exists()
+
+
+def test_pre_copy_stops_when_the_dirty_set_stops_shrinking(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    precopy_world(world, [16000, 500, 600, 100])
+    summary = run(ct)
+    assert world.predumps() == 3 and "stopped shrinking" in (summary.stop_reason or "")
+
+
+def test_pre_copy_follows_its_tuned_stop_rule(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    precopy_world(world, [16000, 8000, 4000, 2000])
+    summary = run(ct, stop_rule=precopy.StopRule(max_iterations=2))
+    assert world.predumps() == 2 and summary.stop_reason == "2 iterations done"
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["prepare", "sync", "precopy", "tunnel", "suspend", "dump", "final-sync", "copy-images", "restore", "resume"],
+)
+def test_pre_copy_rolls_back_at_each_step_before_the_commit(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    ct = make_ct(gconf)
+    precopy_world(world, [16000, 40])
+    monkeypatch.setenv(fault.ENV, f"source:fail:{step}")
+    with pytest.raises(fault.InjectedFault):
+        run(ct)
+    assert ct.stage() is Stage.RUNNING and ct.conf_path.exists() and not world.committed
+    # the destination's images (pre-dumps included) go with its cleanup
+    assert (("dst", "cleanup") in world.journal) == (step != "prepare")
+    assert world.names("src").count("wake") <= 1 and not marker.path(gconf, CTID).exists()
+    assert not list(gconf.dumpdir.glob(".vzpy-migrate-*"))
+
+
+def test_a_failed_pre_dump_stops_its_page_server_there_and_the_ct_keeps_running(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    precopy_world(world, [16000, 300])
+    world.fail["pre-dump"] = ChkpntError("criu pre-dump failed")
+    with pytest.raises(CheckpointFailed, match="pre-dump of CT 101 failed"):
+        run(ct)
+    dst = world.names("dst")
+    assert dst[dst.index("page_server_start") :][:3] == ["page_server_start", "page_server_stop", "cleanup"]
+    assert "suspend" not in world.names("src") and ct.stage() is Stage.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("requested", "source", "dest", "missing"),
+    [
+        ("pre-copy", facts(), facts(), "soft-dirty"),
+        ("post-copy", facts(lazy=True), facts(lazy=False), "destination"),
+        ("post-copy", facts(lazy=None), facts(lazy=True), "source"),
+    ],
+)
+def test_a_path_the_hosts_cannot_take_is_refused_before_anything_is_copied(
+    gconf: GlobalConfig,
+    world: World,
+    requested: str,
+    source: dict[str, Any],
+    dest: dict[str, Any],
+    missing: str,
+) -> None:
+    ct = make_ct(gconf)
+    world.source_facts, world.dest_facts = source, dest
+    with pytest.raises(paths.PathUnavailable, match=missing) as info:
+        run(ct, path=requested)
+    assert "\n" not in info.value.message and "--stop-and-copy" in info.value.message
+    assert world.names("dst") == ["connect", "ct_exists", "bye"] and world.names("src") == []
+    assert ct.stage() is Stage.RUNNING
+
+
+def test_a_path_needs_online(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    with pytest.raises(MigrateUsage, match="--online"):
+        run(ct, online=False, path="pre-copy")
+    assert world.journal == []
+
+
+def test_post_copy_is_never_taken_unless_asked_or_allowed(gconf: GlobalConfig, world: World) -> None:
+    world.source_facts = facts(dirty=True, lazy=True)
+    world.dest_facts = facts(lazy=True)
+    world.predump_pages = [16000, 10]
+    summary = run(make_ct(gconf))
+    assert summary.path == "pre-copy" and "lazy dump" not in world.names("src")
+    assert "--postcopy" in summary.path_reasons[-1]
+
+
+def postcopy_world(world: World) -> None:
+    world.source_facts = facts(lazy=True)
+    world.dest_facts = facts(lazy=True)
+    world.frozen_pages, world.lazy_pages = 20, 16000
+
+
+def test_post_copy_restores_there_first_and_serves_the_pages_until_all_arrived(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    seen: list[bool] = []
+    restore = FakeAgent.restore
+
+    def watching(self: FakeAgent, *args: Any, **kw: Any) -> int:
+        seen.append(marker.path(gconf, CTID).exists())  # the point of no return is before the lazy restore
+        return restore(self, *args, **kw)
+
+    FakeAgent.restore = watching  # type: ignore[method-assign]
+    try:
+        summary = run(ct, path="post-copy")
+    finally:
+        FakeAgent.restore = restore  # type: ignore[method-assign]
+    assert seen == [True] and summary.path == "post-copy"
+    assert world.names("dst")[2:] == [
+        "prepare",
+        "lazy_port",
+        "put_images",
+        "lazy restore",
+        "resume",
+        "lazy_wait",
+        "bye",
+    ]
+    assert world.names("src") == ["tunnel up", "sync", "suspend", "lazy dump", "sync", "tunnel down", "kill"]
+    assert summary.pages_while_frozen == 20 and summary.pages_total == 16020
+    assert not marker.path(gconf, CTID).exists()
+
+
+def test_post_copy_when_allowed_by_policy(gconf: GlobalConfig, world: World) -> None:
+    postcopy_world(world)
+    assert run(make_ct(gconf), postcopy_allowed=True).path == "post-copy"
+
+
+@pytest.mark.parametrize(
+    "step", ["prepare", "tunnel", "sync", "suspend", "lazy-dump", "final-sync", "copy-images", "lazy-restore"]
+)
+def test_post_copy_rolls_back_at_each_step_before_the_lazy_restore_request(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    monkeypatch.setenv(fault.ENV, f"source:fail:{step}")
+    with pytest.raises(fault.InjectedFault):
+        run(ct, path="post-copy")
+    assert ct.stage() is Stage.RUNNING and ct.conf_path.exists() and not world.committed
+    assert world.names("src").count("wake") <= 1 and not marker.path(gconf, CTID).exists()
+    if step in ("final-sync", "copy-images", "lazy-restore"):
+        assert world.lazy_release.is_set()  # the lazy dump was told to stop before the CT woke here
+
+
+def test_post_copy_a_lazy_dump_that_never_gets_ready_is_stopped_before_the_ct_wakes_here(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    world.lazy_never_ready = True
+    with pytest.raises(flow.FrozenTooLong):
+        run(ct, path="post-copy", max_frozen=0.2)
+    src = world.names("src")
+    assert src.index("lazy stop") < src.index("wake") and ct.stage() is Stage.RUNNING
+
+
+def test_post_copy_a_failed_lazy_restore_that_left_nothing_there_resumes_the_source(
+    gconf: GlobalConfig, world: World
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    world.fail["lazy restore"] = RestoreFailed("criu restore failed")
+    with pytest.raises(RestoreFailed):
+        run(ct, path="post-copy")
+    assert ct.stage() is Stage.RUNNING and not marker.path(gconf, CTID).exists()
+
+
+def test_post_copy_past_the_lazy_restore_a_failure_never_resumes_the_source(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    monkeypatch.setenv(fault.ENV, "source:fail:resume")
+    with pytest.raises(flow.OutcomeInDoubt, match="vzpy migrate --recover"):
+        run(ct, path="post-copy")
+    assert ct.stage() is Stage.SUSPENDED and marker.path(gconf, CTID).exists()
+    assert "wake" not in world.names("src") and ("dst", "cleanup") not in world.journal
+
+
+def test_post_copy_pages_lost_after_the_ct_ran_there_is_said_plainly(gconf: GlobalConfig, world: World) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    world.fail["lazy pages"] = ChkpntError("page server: connection reset")
+    with pytest.raises(MigrateError, match=r"runs on 10\.0\.0\.2 but the rest of its memory could not be sent.*lost"):
+        run(ct, path="post-copy")
+    assert world.committed and "wake" not in world.names("src") and ("dst", "cleanup") not in world.journal
 
 
 # --- --recover --------------------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_prepare_refuses_a_foreign_private_area_and_a_bad_config(served: Served,
         remote.prepare("104", 'HOSTNAME="x"\n', token="t")
     assert (private / "data").exists()
     with pytest.raises(ApplyConfigFailed) as info:
-        remote.prepare("105", "this is not a config line\n", token="t")
+        remote.prepare("105", 'HOSTNAME="not a hostname!"\n', token="t")
     assert info.value.exit_code == 15
     assert not (vz.confdir / "105.conf.migrating").exists()
 

@@ -8,11 +8,13 @@ import traceback
 import click
 
 from vzpy import __version__
-from vzpy.cli import check, checkpoint, display, lifecycle, migrate, template
+from vzpy.cli import check, checkpoint, display, host, lifecycle, listing, migrate, template
 from vzpy.cli.app import App
 from vzpy.errors import VzError
 
 USAGE_EXIT = 20  # vzctl's VZ_INVALID_PARAMETER_SYNTAX
+MISSING_CTID_EXIT = 21  # vzctl's VZ_INVALID_PARAMETER_VALUE: "CT ID missing"
+MIGRATE_USAGE_EXIT = 1  # vzmigrate's MIG_ERR_USAGE
 
 EPILOG = """\b
 Examples:
@@ -41,7 +43,7 @@ for _command in (
     lifecycle.stop,
     lifecycle.restart,
     lifecycle.status,
-    lifecycle.list_,
+    listing.list_,
     lifecycle.exec_,
     lifecycle.enter,
     lifecycle.set_,
@@ -53,19 +55,30 @@ for _command in (
     checkpoint.dumpinfo,
     migrate.migrate,
     migrate.migrate_agent,
+    host.boot,
 ):
     cli.add_command(_command)
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv[1:]
+    """The console entry: `vzpy`, or vzctl/vzlist/vzmigrate when invoked under those names (argv[0])."""
+    from vzpy.cli import compat
+
+    sys.exit(compat.dispatch(sys.argv[0], sys.argv[1:]))
+
+
+def run(args: list[str]) -> int:
+    """Run vzpy's command line on args; returns the exit code (vzctl's codes)."""
+    debug = "--debug" in args
     try:
-        code = cli.main(prog_name=display.PROG, standalone_mode=False)
+        code = cli.main(args, prog_name=display.PROG, standalone_mode=False)
     except click.exceptions.Exit as e:
         code = e.exit_code
+    except SystemExit as e:  # exec and enter end with their command's exit code
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except click.UsageError as e:
         display.usage_error(e.format_message(), e.ctx.command_path if e.ctx else None)
-        code = USAGE_EXIT
+        code = usage_exit_code(e)
     except click.ClickException as e:
         display.error(e.format_message())
         code = e.exit_code
@@ -84,4 +97,14 @@ def main() -> None:
             traceback.print_exc()
         display.internal_error(e)
         code = 3
-    sys.exit(code or 0)
+    return code or 0
+
+
+def usage_exit_code(e: click.UsageError) -> int:
+    """vzctl's code for a usage error: 21 for a missing CTID ("CT ID missing"), 20 otherwise; vzmigrate's
+    MIG_ERR_USAGE for any usage error of `migrate` (also under `vzpy migrate`)."""
+    if e.ctx is not None and e.ctx.command.name == "migrate":
+        return MIGRATE_USAGE_EXIT
+    if isinstance(e, click.MissingParameter) and e.param is not None and e.param.name == "ctid":
+        return MISSING_CTID_EXIT
+    return USAGE_EXIT

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from vzpy import oplog
 from vzpy.cli import display
 from vzpy.config import GlobalConfig
 from vzpy.container import Container
+from vzpy.errors import VzError
 from vzpy.lock import ct_lock
 
 
@@ -39,13 +41,38 @@ class App:
         confdir = self.gconf.confdir
         if not confdir.is_dir():
             return []
-        ctids = sorted((p.name.removesuffix(".conf") for p in confdir.glob("*.conf")), key=_ctid_order)
+        ctids = sorted((p.name.removesuffix(".conf") for p in confdir.glob("*.conf")), key=ctid_order)
         return [self.container(ctid) for ctid in ctids]
+
+    def listed_containers(self, wanted: Sequence[str] = ()) -> list[Container]:
+        """The CTs `list`/vzlist show: every CTID.conf's, or those `wanted` (CTIDs or NAMEs), by CTID.
+
+        A file whose name is no valid CTID is skipped with a warning, as vzlist does, rather than failing all."""
+        confdir = self.gconf.confdir
+        names = [p.name.removesuffix(".conf") for p in confdir.glob("*.conf")] if confdir.is_dir() else []
+        found = []
+        for name in sorted(names, key=ctid_order):
+            try:
+                found.append(self.container(name))
+            except VzError:
+                display.warning(f"invalid CTID in config file name: {name}.conf, skipping")
+        if not wanted:
+            return found
+        chosen = {ct.ctid for ct in found if ct.ctid in wanted}
+        if not set(wanted) <= chosen:  # the others may be NAMEs (vzctl's --name)
+            chosen.update(ct.ctid for ct in found if _readable(ct) and ct.conf.get("NAME") in wanted)
+        return [ct for ct in found if ct.ctid in chosen]
 
     @contextmanager
     def locked(self, ct: Container, operation: str) -> Iterator[None]:
+        """Hold CT's lock for a state-changing operation, and log how it ended (vzpy.oplog) before releasing it."""
         with ct_lock(self.gconf.lockdir, ct.ctid, operation):
-            yield
+            try:
+                yield
+            except BaseException as e:
+                oplog.record(self.gconf, ct.ctid, operation, oplog.exit_code_of(e), oplog.message_of(e), self.warn)
+                raise
+            oplog.record(self.gconf, ct.ctid, operation, 0, "", self.warn)
 
     def progress(self, message: str, *, to_stderr: bool = False) -> None:
         """What is going on; silenced by -q. `to_stderr` keeps stdout for data (e.g. --json)."""
@@ -61,5 +88,14 @@ class App:
         display.json_out(data)
 
 
-def _ctid_order(ctid: str) -> tuple[int, int, str]:
+def ctid_order(ctid: str) -> tuple[int, int, str]:
     return (0, int(ctid), "") if ctid.isdigit() else (1, 0, ctid)
+
+
+def _readable(ct: Container) -> bool:
+    """Whether the CT's CTID.conf loads (a broken one is reported where the CT is listed)."""
+    try:
+        ct.conf  # noqa: B018 - loading is the check
+    except (VzError, OSError, ValueError):
+        return False
+    return True

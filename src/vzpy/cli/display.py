@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 import click
@@ -59,19 +59,10 @@ def aborted() -> None:
 # --- lifecycle -------------------------------------------------------------------------------------
 
 
-def status_line(ctid: str, *, exists: bool, mounted: bool, stage: str | None) -> str:
-    """vzctl's `CTID 101 exist mounted running`; stage None means stopped ("down")."""
-    words = ["exist" if exists else "deleted", "mounted" if mounted else "unmounted", stage or "down"]
-    return f"CTID {ctid} {' '.join(words)}"
-
-
-def ct_table(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    """vzlist's table: CTID, NPROC, STATUS, IP_ADDR, HOSTNAME (rows as in `vzpy list --json`)."""
-    lines = [f"{'CTID':>10} {'NPROC':>5} {'STATUS':<9} {'IP_ADDR':<15} HOSTNAME"]
-    for row in rows:
-        ip = " ".join(row["ip"]) or "-"
-        lines.append(f"{row['ctid']:>10} {row['numproc']:>5} {row['status']:<9} {ip:<15} {row['hostname']}")
-    return lines
+def status_line(ctid: str, *, exists: bool, mounted: bool, running: bool, suspended: bool) -> str:
+    """vzctl's `CTID 101 exist mounted running`; the sixth word `suspended` when a stopped CT's dump waits."""
+    words = ["exist" if exists else "deleted", "mounted" if mounted else "unmounted", "running" if running else "down"]
+    return f"CTID {ctid} {' '.join(words + ['suspended'] * suspended)}"
 
 
 # --- check -----------------------------------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""Lifecycle commands: create, start, stop, restart, status, list, exec, enter, set, destroy."""
+"""Lifecycle commands: create, start, stop, restart, status, exec, enter, set, destroy (list: listing.py)."""
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
 from vzpy.cli import display
 from vzpy.cli.app import App
+from vzpy.container import Container
+from vzpy.errors import InvalidSyntax, Locked, MigrationInDoubt, VzError
 from vzpy.host import mounts
-from vzpy.stage import Stage
+from vzpy.stage import Action, Stage
 
 CTID = click.argument("ctid")
 
@@ -34,25 +40,64 @@ def create(app: App, ctid: str, ostemplate: str, hostname: str | None, ips: tupl
 @CTID
 @click.pass_obj
 def start(app: App, ctid: str) -> None:
-    """Start CT CTID: namespaces, cgroups, network, then its /sbin/init."""
+    """Start CT CTID: namespaces, cgroups, network, then its /sbin/init.
+
+    A CT stopped by `chkpnt` is restored from its dump file instead, as vzctl does; if that restore fails,
+    the CT starts afresh and the dump file is kept.
+    """
     from vzpy import lifecycle
 
     ct = app.existing(ctid)
     with app.locked(ct, "start"):
+        dump = waiting_dump(ct)
+        if dump is not None and _restored(app, ct, dump):
+            return
         lifecycle.check_config(ct)
         lifecycle.start(ct, app.progress)
 
 
+def waiting_dump(ct: Container) -> Path | None:
+    """The dump file a stopped CT was checkpointed to and not restored from since (vzctl's "suspended")."""
+    if ct.stage() is not Stage.STOPPED:
+        return None
+    recorded = ct.load_state().dumpfile
+    return Path(recorded) if recorded and Path(recorded).is_file() else None
+
+
+def _restored(app: App, ct: Container, dump: Path) -> bool:
+    from vzpy import checkpoint
+
+    app.progress(f"Dump file {dump} exists, trying to restore CT {ct.ctid} from it")
+    try:
+        checkpoint.run_restore(
+            ct, [Action.UNDUMP, Action.RESTORE_RESUME], dump, skip_fs_check=False, progress=app.progress
+        )
+    except (Locked, MigrationInDoubt):
+        raise
+    except VzError as e:
+        app.warn(f"restore from {dump} failed ({e.message}); starting CT {ct.ctid} afresh, the dump file is kept")
+        return False
+    return True
+
+
 @click.command()
 @CTID
-@click.option("--fast", is_flag=True, help="Kill at once instead of asking init to shut down (SIGTERM, 10 s).")
+@click.option(
+    "--fast", is_flag=True, help="Kill at once instead of asking init to shut down (SIGTERM, STOP_TIMEOUT: 120 s)."
+)
 @click.pass_obj
 def stop(app: App, ctid: str, fast: bool) -> None:
-    """Stop CT CTID."""
+    """Stop CT CTID: init is asked to shut it down (SIGTERM), what is left after STOP_TIMEOUT is killed.
+
+    A CT that is not running is left as it is (exit 0), as vzctl does.
+    """
     from vzpy import lifecycle
 
     ct = app.existing(ctid)
     with app.locked(ct, "stop"):
+        if ct.stage() is Stage.STOPPED:
+            app.progress(f"Unable to stop: CT {ctid} is not running", to_stderr=True)
+            return
         lifecycle.stop(ct, fast=fast, progress=app.progress)
 
 
@@ -61,14 +106,18 @@ def stop(app: App, ctid: str, fast: bool) -> None:
 @click.option("--fast", is_flag=True, help="Kill at once when stopping.")
 @click.pass_obj
 def restart(app: App, ctid: str, fast: bool) -> None:
-    """Stop CT CTID if it runs, then start it."""
+    """Stop CT CTID if it runs, then start it; the config is checked before anything stops."""
     from vzpy import lifecycle
 
     ct = app.existing(ctid)
     with app.locked(ct, "restart"):
+        lifecycle.check_config(ct)  # a config that cannot start must not stop a running CT first
         if ct.stage() is not Stage.STOPPED:
             lifecycle.stop(ct, fast=fast, progress=app.progress)
-        lifecycle.check_config(ct)
+        else:  # as start: a CT stopped by chkpnt is restored
+            dump = waiting_dump(ct)
+            if dump is not None and _restored(app, ct, dump):
+                return
         lifecycle.start(ct, app.progress)
 
 
@@ -77,11 +126,15 @@ def restart(app: App, ctid: str, fast: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
 @click.pass_obj
 def status(app: App, ctid: str, as_json: bool) -> None:
-    """Show whether CT CTID exists, is mounted, and its stage (running, suspended, ...)."""
+    """Show vzctl's status line: `CTID 101 exist mounted running`, `... down suspended` when a dump waits.
+
+    --json also gives the stage (running, suspended, dumped, undumped, stopped) and the waiting dump file.
+    """
     ct = app.container(ctid)
     exists = ct.exists()
     stage = ct.stage() if exists else Stage.STOPPED
     mounted = exists and mounts.is_mounted(ct.root)
+    dump = waiting_dump(ct) if exists else None
     if as_json:
         app.print_json(
             {
@@ -90,38 +143,15 @@ def status(app: App, ctid: str, as_json: bool) -> None:
                 "mounted": mounted,
                 "status": stage.value,
                 "init_pid": ct.load_state().init_pid if stage is not Stage.STOPPED else None,
+                "suspended": dump is not None,
+                "dumpfile": str(dump) if dump is not None else None,
             }
         )
         return
-    running = None if stage is Stage.STOPPED else stage.value
-    display.out(display.status_line(ctid, exists=exists, mounted=mounted, stage=running))
-
-
-@click.command(name="list")
-@click.option("-a", "--all", "show_all", is_flag=True, help="Also list stopped CTs.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (vzlist -j keys).")
-@click.pass_obj
-def list_(app: App, show_all: bool, as_json: bool) -> None:
-    """List CTs like vzlist: CTID, NPROC, STATUS, IP_ADDR, HOSTNAME."""
-    rows = []
-    for ct in app.all_containers():
-        stage = ct.stage()
-        if stage is Stage.STOPPED and not show_all:
-            continue
-        rows.append(
-            {
-                "ctid": ct.ctid,
-                "numproc": ct.nproc(),
-                "status": stage.value,
-                "ip": ct.ips,
-                "hostname": ct.conf.get("HOSTNAME") or ct.hostname,  # as written: one bad value must not hide all
-            }
-        )
-    if as_json:
-        app.print_json(rows)
-        return
-    for line in display.ct_table(rows):
-        display.out(line)
+    line = display.status_line(
+        ctid, exists=exists, mounted=mounted, running=stage is not Stage.STOPPED, suspended=dump is not None
+    )
+    display.out(line)
 
 
 @click.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -129,14 +159,20 @@ def list_(app: App, show_all: bool, as_json: bool) -> None:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def exec_(app: App, ctid: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND (argv, no shell: use `sh -c '...'` for one) in CT CTID; its exit code is vzpy's.
+    """Run COMMAND in CT CTID; its exit code is vzpy's.
 
-    Its stdin, stdout and stderr are pipes relayed by vzpy, and it starts a session of its own inside the
-    CT: no fd or terminal of the caller reaches the CT, so what it leaves running stays checkpointable.
+    Several words run as argv, no shell (`vzpy exec 101 sh -c 'exit 7'` exits 7); a single one is a
+    command line for the CT's shell, as vzctl runs it (`vzpy exec 101 'ps ax | grep init'`); `-` makes
+    the CT's shell read its commands from stdin. Its stdin, stdout and stderr are pipes relayed by vzpy,
+    and it starts a session of its own inside the CT: no fd or terminal of the caller reaches the CT, so
+    what it leaves running stays checkpointable.
     """
     from vzpy import execution
 
-    sys.exit(execution.exec_in(app.existing(ctid), command))
+    ct = app.existing(ctid)
+    if len(command) == 1:
+        sys.exit(execution.exec_shell(ct, None if command[0] == "-" else command[0]))
+    sys.exit(execution.exec_in(ct, command))
 
 
 @click.command()
@@ -149,6 +185,41 @@ def enter(app: App, ctid: str) -> None:
     sys.exit(execution.enter(app.existing(ctid)))
 
 
+# vzctl's `set` options that are one CTID.conf key each (ctid.conf(5)): option -> (KEY, help)
+CONFIG_KEY_OPTIONS = {
+    "--nameserver": ("NAMESERVER", "DNS server address for the CT's resolv.conf, or inherit (the host's); repeatable."),
+    "--searchdomain": ("SEARCHDOMAIN", "DNS search domain for the CT's resolv.conf, or inherit; repeatable."),
+    "--cpuunits": ("CPUUNITS", "CPU weight, 8-500000 (cpu.shares; 1000 is the usual default)."),
+    "--cpulimit": ("CPULIMIT", "CPU limit in % of one CPU (150), or N% of the whole host (50%); 0: none."),
+    "--physpages": ("PHYSPAGES", "Memory limit as barrier:limit in pages or sizes (0:262144, 0:1G, unlimited)."),
+    "--swappages": ("SWAPPAGES", "Swap allowance as barrier:limit in pages or sizes (memsw = memory + swap)."),
+    "--diskspace": ("DISKSPACE", "Disk space soft:hard in 1K blocks or sizes (10G:11G); project quota."),
+    "--diskinodes": ("DISKINODES", "Inodes soft:hard (200000:220000); project quota."),
+    "--onboot": ("ONBOOT", "yes|no: start the CT at host boot."),
+    "--disabled": ("DISABLED", "yes|no: refuse to start the CT."),
+}
+_YES_NO = click.Choice(["yes", "no"])
+
+
+def _config_key_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add CONFIG_KEY_OPTIONS to `command`, which gets them as `config_keys`: {KEY: value} of those given
+    (a repeated option's values joined with spaces, as vzctl stores them)."""
+    names = [key.lower() for key, _help in CONFIG_KEY_OPTIONS.values()]
+
+    @functools.wraps(command)
+    def with_keys(*args: Any, **kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name in names}
+        keys = {name.upper(): v if isinstance(v, str) else " ".join(v) for name, v in given.items() if v}
+        command(*args, config_keys=keys, **kwargs)
+
+    wrapped: Callable[..., None] = with_keys
+    for option, (key, text) in reversed(CONFIG_KEY_OPTIONS.items()):
+        repeatable = key in ("NAMESERVER", "SEARCHDOMAIN")
+        kind = _YES_NO if key in ("ONBOOT", "DISABLED") else None
+        wrapped = click.option(option, key.lower(), type=kind, multiple=repeatable, help=text)(wrapped)
+    return wrapped
+
+
 @click.command(name="set")
 @CTID
 @click.option("--hostname", help="New hostname.")
@@ -157,6 +228,13 @@ def enter(app: App, ctid: str) -> None:
 @click.option("--memory", "--ram", "memory", metavar="SIZE", help="Memory limit, e.g. 512M (PHYSPAGES).")
 @click.option("--cpus", type=click.FloatRange(min=0), help="CPU limit in CPUs, e.g. 1.5 (0: no limit).")
 @click.option("--numproc", type=click.IntRange(min=0), help="Process limit (0: no limit).")
+@click.option(
+    "--stop-timeout",
+    type=click.IntRange(min=0, max=999999999),
+    metavar="SECONDS",
+    help="How long `stop` waits for init before killing (STOP_TIMEOUT; 0: the default, 120 s). Needs --save.",
+)
+@_config_key_options
 @click.option("--save", is_flag=True, help="Store the settings in CTID.conf (needed for a stopped CT).")
 @click.pass_obj
 def set_(
@@ -168,13 +246,23 @@ def set_(
     memory: str | None,
     cpus: float | None,
     numproc: int | None,
+    stop_timeout: int | None,
     save: bool,
+    config_keys: dict[str, str],
 ) -> None:
-    """Change CT CTID's settings: applied at once if it runs, kept with --save."""
+    """Change CT CTID's settings: applied at once if it runs, kept with --save.
+
+    Only what is given changes, live and in CTID.conf (a live change made without --save stays). Values of
+    the vzctl options are vzctl's (ctid.conf(5)): pages or sizes for --physpages/--swappages, 1K blocks or
+    sizes for --diskspace, barrier:limit pairs, `unlimited`."""
     from vzpy import lifecycle
 
+    if stop_timeout is not None and not save:
+        raise InvalidSyntax("--stop-timeout is a setting of CTID.conf only: add --save")
     ct = app.existing(ctid)
     with app.locked(ct, "set"):
+        if stop_timeout is not None:
+            ct.conf.set("STOP_TIMEOUT", str(stop_timeout))  # written with the others by --save
         notes = lifecycle.apply_settings(
             ct,
             hostname=hostname,
@@ -183,6 +271,7 @@ def set_(
             memory=memory,
             cpus=cpus,
             numproc=numproc,
+            keys=config_keys,
             save=save,
             others=app.all_containers(),
         )

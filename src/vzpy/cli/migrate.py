@@ -10,6 +10,8 @@ import click
 
 from vzpy.cli import display
 from vzpy.cli.app import App
+from vzpy.cli.compat import ssh_options as compat_ssh_options
+from vzpy.cli.compat import vzmigrate_codes
 
 EPILOG = """\b
 Online: sync the files while the CT runs, freeze it, dump it with its memory streamed
@@ -22,6 +24,15 @@ take it: if the link drops then, vzpy exits non-zero and leaves it suspended.
 If vzpy is killed or the outcome is in doubt: `vzpy migrate --recover HOST CTID` finishes it
 or undoes it, whichever HOST's state says.
 \b
+Online paths (`--check-only --online` says which one and why, from both hosts' kernels and CRIUs):
+  pre-copy       memory copied while the CT runs, in rounds each sending only what changed
+                 (taken when this kernel tracks dirty memory); then the rest, frozen
+  stop-and-copy  all memory copied while the CT is frozen (taken when pre-copy cannot be)
+  post-copy      the CT runs on HOST at once, its memory follows from here. Taken only with
+                 --postcopy (or vz.conf VZPY_MIGRATE_POSTCOPY=yes). Its risk: from the restore on
+                 HOST, the copy here is never resumed, and once the CT runs there, this host
+                 must keep serving its pages until all arrived: if either host or the link
+                 fails before that, the CT is LOST (no copy of it is complete).
 Examples:
   vzpy migrate --online 10.0.0.2 101
   vzpy migrate --online -t --json root@node2:2222 101
@@ -32,7 +43,9 @@ Examples:
 @click.command(epilog=EPILOG)
 @click.argument("host")
 @click.argument("ctid")
-@click.option("--online", is_flag=True, help="Live migration: the CT keeps its processes and connections.")
+@click.option(
+    "--live", "--online", "online", is_flag=True, help="Live migration: the CT keeps its processes and connections."
+)
 @click.option(
     "-r",
     "--remove-area",
@@ -42,7 +55,9 @@ Examples:
     help="Delete the private area here after success (no: keep it as PRIVATE.migrated).",
 )
 @click.option("--keep-dst", is_flag=True, help="On failure keep the files synced to HOST, for a faster retry.")
-@click.option("--check-only", is_flag=True, help="Only connect and run the preflight checks.")
+@click.option(
+    "--check-only", "--dry-run", "check_only", is_flag=True, help="Only connect and run the preflight checks."
+)
 @click.option("--ssh-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="SSH private key.")
 @click.option("--ssh-port", type=click.IntRange(1, 65535), help="SSH port (or HOST:PORT).")
 @click.option(
@@ -51,7 +66,16 @@ Examples:
     envvar="VZPY_KNOWN_HOSTS",
     help="known_hosts file to verify HOST's key (default ~/.ssh/known_hosts; env VZPY_KNOWN_HOSTS).",
 )
-@click.option("--rsync-opts", metavar="OPTS", help="Extra rsync options, e.g. '--bwlimit=50000'.")
+@click.option(
+    "--rsync-opts", "--rsync", "rsync_opts", metavar="OPTS", help="Extra rsync options, e.g. '--bwlimit=50000'."
+)
+@click.option(
+    "--ssh",
+    "ssh_opts",
+    metavar="OPTS",
+    help="vzmigrate's ssh options: -p PORT, -l USER, -i KEY, -o Port/User/IdentityFile/UserKnownHostsFile=VALUE.",
+)
+@click.option("--ssh-mux", is_flag=True, hidden=True, help="vzmigrate's; vzpy always shares one SSH connection.")
 @click.option("--remote-vzpy", default="vzpy", show_default=True, help="vzpy command on HOST.")
 @click.option(
     "-f",
@@ -75,6 +99,38 @@ Examples:
 @click.option("-v", "--verbose", is_flag=True, help="More detail while it runs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (progress goes to stderr).")
 @click.option("--recover", is_flag=True, help="Finish or undo an interrupted migration of CTID to HOST.")
+@click.option("--precopy", "path", flag_value="pre-copy", help="Online: copy memory while the CT runs, or fail.")
+@click.option(
+    "--postcopy",
+    "path",
+    flag_value="post-copy",
+    help="Online: run the CT on HOST first, memory after; a host or link failure then LOSES the CT.",
+)
+@click.option("--stop-and-copy", "path", flag_value="stop-and-copy", help="Online: copy all memory while frozen.")
+@click.option(
+    "--precopy-iterations",
+    type=click.IntRange(1, 100),
+    default=8,
+    show_default=True,
+    metavar="N",
+    help="Pre-copy: at most N rounds before the freeze.",
+)
+@click.option(
+    "--precopy-small",
+    type=click.IntRange(min=0),
+    default=64,
+    show_default=True,
+    metavar="PAGES",
+    help="Pre-copy: freeze once a round sent at most PAGES pages.",
+)
+@click.option(
+    "--precopy-shrink",
+    type=click.FloatRange(min=0, max=100, max_open=True),
+    default=10.0,
+    show_default=True,
+    metavar="PERCENT",
+    help="Pre-copy: freeze once a round sent less than PERCENT % fewer pages than the one before.",
+)
 @click.pass_obj
 def migrate(
     app: App,
@@ -88,6 +144,8 @@ def migrate(
     ssh_port: int | None,
     known_hosts: Path | None,
     rsync_opts: str | None,
+    ssh_opts: str | None,
+    ssh_mux: bool,
     remote_vzpy: str,
     nodeps: str | None,
     times: bool,
@@ -95,16 +153,24 @@ def migrate(
     as_json: bool,
     max_frozen: float,
     recover: bool,
+    path: str | None,
+    precopy_iterations: int,
+    precopy_small: int,
+    precopy_shrink: float,
 ) -> None:
     """Move CT CTID to HOST ([user@]host[:port]) over SSH."""
     # imported here: paramiko costs every other vzpy command 0.1 s at start-up
     from vzpy.migrate import flow
+    from vzpy.migrate.precopy import StopRule
     from vzpy.migrate.preflight import parse_nodeps
     from vzpy.migrate.ssh import parse_target
 
-    target = parse_target(host)
-    if ssh_port is not None:
-        target = dataclasses.replace(target, port=ssh_port)
+    ssh = compat_ssh_options(ssh_opts)  # vzmigrate's --ssh: a user, port, key or known_hosts of ssh(1)
+    target = parse_target(f"{ssh.user}@{host}" if ssh.user is not None and "@" not in host else host)
+    port = ssh_port if ssh_port is not None else ssh.port
+    if port is not None:
+        target = dataclasses.replace(target, port=port)
+    ssh_key, known_hosts = ssh_key or ssh.identity, known_hosts or ssh.known_hosts
     options = flow.MigrateOptions(
         target=target,
         online=online,
@@ -118,13 +184,16 @@ def migrate(
         nodeps=parse_nodeps(nodeps),
         verbose=verbose,
         max_frozen=max_frozen,
+        path=path,
+        stop_rule=StopRule(precopy_iterations, precopy_small, precopy_shrink),
     )
 
     def progress(message: str) -> None:
         app.progress(message, to_stderr=as_json)
 
-    ct = app.existing(ctid)
-    with app.locked(ct, f"migrate to {target.host}"):
+    with vzmigrate_codes():
+        ct = app.existing(ctid)
+    with vzmigrate_codes(), app.locked(ct, f"migrate to {target.host}"):
         if recover:
             progress(flow.recover(ct, options, progress))
             return
@@ -136,6 +205,8 @@ def migrate(
             display.out(line)
     if not check_only:
         progress(f"CT {ctid} migrated to {target.host} ({summary.path})")
+    elif online:
+        progress(f"preflight to {target.host} passed; the migration would take {summary.path}")
     else:
         progress(f"preflight to {target.host} passed")
 

@@ -41,10 +41,13 @@ CRIU_FEATURES = (
     "timens",
 )
 CACHE_FILE = "criu-features.json"
+DEFAULT_CACHE_DIR = Path("/var/cache/vzpy")
 FACT_KEYS = {"features", "page_server", "lazy_pages", "lazy_pages_note", "lazy_probe_seconds"}
 CACHE_FORMAT = 1
-PROBE_TIMEOUT = 20.0
+PROBE_TIMEOUT = 60.0  # a loaded, emulated VM takes 5-20 s
 PROBE_ADDRESS = "127.0.0.1"
+NO_LOG_ERROR = "no error in the logs"
+NOT_STARTED = "probe could not start a throwaway process"
 PROBE_PROGRAM = """
 import time
 memory = bytearray(4 << 20)
@@ -86,6 +89,17 @@ class HostCapabilities:
 
     def has(self, feature: str) -> bool:
         return self.features.get(feature, False)
+
+    def migration_facts(self) -> dict[str, Any]:
+        """What decides a migration's path on this host (vzpy.migrate.paths), as sent in the agent's hello."""
+        return {
+            "kernel": self.kernel,
+            "criu_version": self.criu_version,
+            "mem_dirty_track": self.has("mem_dirty_track"),
+            "page_server": self.page_server,
+            "lazy_pages": self.lazy_pages,
+            "lazy_pages_note": self.lazy_pages_note,
+        }
 
     @property
     def tcp_repair(self) -> bool:
@@ -162,7 +176,7 @@ def detect_capabilities(
     cached = facts is not None
     if facts is None:
         facts = _criu_facts(binary, probe_lazy=probe_lazy)
-        if cache_dir is not None:
+        if cache_dir is not None and not _inconclusive(facts):
             _save_cache(cache_dir, key, facts)
     return HostCapabilities(
         kernel=key["kernel"],
@@ -201,6 +215,13 @@ def _criu_facts(binary: CriuBinary, *, probe_lazy: bool) -> dict[str, Any]:
     else:
         facts["lazy_pages_note"] = "not probed"
     return facts
+
+
+def _inconclusive(facts: dict[str, Any]) -> bool:
+    """A lazy-pages probe that failed without CRIU naming an error (it ran out of time, or could not start):
+    not a fact of this kernel and CRIU, so not kept for the next run."""
+    note = str(facts.get("lazy_pages_note") or "")
+    return facts.get("lazy_pages") is False and (note.endswith(NO_LOG_ERROR) or note.startswith(NOT_STARTED))
 
 
 def _cache_key(binary: CriuBinary) -> dict[str, Any]:
@@ -268,7 +289,7 @@ def probe_lazy_pages(binary: Path, *, timeout: float = PROBE_TIMEOUT) -> tuple[b
         try:
             pid = cleanup.enter_context(_throwaway_tree(deadline))
         except (OSError, VzError) as e:
-            return False, f"probe could not start a throwaway process: {e}"
+            return False, f"{NOT_STARTED}: {e}"
         port = str(_free_port())
         where = ["--address", PROBE_ADDRESS, "--port", port]
         dump_args = ["dump", "-t", str(pid), "--lazy-pages", *where]
@@ -284,7 +305,7 @@ def probe_lazy_pages(binary: Path, *, timeout: float = PROBE_TIMEOUT) -> tuple[b
             if exits == [0, 0] and _restored_alive(images / "restored.pid"):
                 return True, "lazy dump + lazy-pages + lazy restore round trip worked"
         reason = _first_log_error(images, ("dump.log", "lazy.log", "restore.log"))
-        return False, f"a lazy-pages round trip failed here: {reason or 'no error in the logs'}"
+        return False, f"a lazy-pages round trip failed here: {reason or NO_LOG_ERROR}"
 
 
 @contextmanager

@@ -44,3 +44,47 @@ def linked_remaps(images_dir: Path) -> list[str]:
             if reg.get("id") in wanted and isinstance(reg.get("name"), str):
                 names.append(reg["name"])
     return sorted(set(names))
+
+
+STATS_DUMP = "stats-dump"
+STATS_KEYS = ("pages_written", "pages_skipped_parent", "pages_lazy", "pages_scanned", "frozen_time")
+
+
+def dump_stats(work_dir: Path) -> dict[str, int] | None:
+    """What CRIU's last dump or pre-dump counted (stats-dump, which CRIU writes into its work dir, not the
+    images dir): pages written (or sent to the page server), skipped because the parent images have them,
+    left for lazy-pages; None without the file."""
+    if not (work_dir / STATS_DUMP).exists():
+        return None
+    entries = _entries(work_dir / STATS_DUMP)
+    dump = entries[0].get("dump", {}) if entries else {}
+    return {key: int(dump.get(key, 0)) for key in STATS_KEYS}
+
+
+PE_LAZY = 1 << 1  # CRIU's pagemap.h: the page is left for lazy-pages
+PE_PRESENT = 1 << 2  # ... its contents are in the images (or the parent's)
+
+
+def _pagemap_flags(value: object) -> int:
+    """A pagemap entry's flags: pycriu gives them as "PE_PRESENT | PE_LAZY" (or a number)."""
+    if isinstance(value, int):
+        return value
+    names = {"PE_LAZY": PE_LAZY, "PE_PRESENT": PE_PRESENT}
+    return sum(names.get(name.strip(), 0) for name in str(value or "").split("|"))
+
+
+def pagemap_pages(images_dir: Path) -> tuple[int, int]:
+    """The memory pages a dump in `images_dir` put into the images (or sent to a page server), and those it
+    left for lazy-pages (post-copy), counted from its pagemaps. (CRIU's stats of a lazy dump come out zero.)"""
+    written = lazy = 0
+    for path in sorted(images_dir.glob("pagemap-*.img")):
+        for entry in _entries(path):
+            if "pages_id" in entry:
+                continue  # the head entry
+            pages = int(entry.get("nr_pages") or entry.get("compat_nr_pages") or 0)  # old CRIUs: compat only
+            flags = _pagemap_flags(entry.get("flags"))
+            if flags & PE_LAZY:
+                lazy += pages
+            elif flags & PE_PRESENT:
+                written += pages
+    return written, lazy

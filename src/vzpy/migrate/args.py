@@ -51,8 +51,8 @@ def optional_number_arg(args: Args, name: str) -> float | None:
     return None if args.get(name) is None else number_arg(args, name, 1.0)
 
 
-def subdir_arg(args: Args) -> str:
-    subdir = str_arg(args, "subdir", "")
+def subdir_arg(args: Args, name: str = "subdir") -> str:
+    subdir = str_arg(args, name, "")
     if subdir and (not SUBDIR_RE.match(subdir) or subdir in (".", "..")):
         raise ProtocolError(f"migration protocol error: bad images subdir {subdir!r}")
     return subdir

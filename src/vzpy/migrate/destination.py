@@ -17,16 +17,19 @@ from typing import Any
 from vzpy import checkpoint, fsstate, lifecycle
 from vzpy.config import ConfFile
 from vzpy.container import Container
+from vzpy.criu import require_criu
+from vzpy.criu.lazy import start_lazy_pages
 from vzpy.errors import VzError
 from vzpy.migrate import ProtocolError, RestoreFailed
 from vzpy.migrate.args import Args, bool_arg, ctid_arg, number_arg, optional_number_arg
 from vzpy.migrate.session import AgentSession, Incoming
-from vzpy.runtime import network
+from vzpy.runtime import network, tcpkick
 from vzpy.stage import Stage
 
 IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # CRIU's image file names: flat, no "..", no "/"
 RECOVER_LOCK_WAIT = 60.0  # an agent whose source vanished may still be finishing a request
 FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
+LAZY_SOCKET = "lazy-pages.socket"  # CRIU's, in the work dir: a stale one would make the daemon fail
 
 
 def container(session: AgentSession, incoming: Incoming) -> Container:
@@ -69,8 +72,23 @@ def restore(session: AgentSession, args: Args) -> dict[str, Any]:
     incoming.restored = True
     incoming.save()  # a dead agent's successor must know to kill what this restore makes
     session.on_rollback(ct.ctid, "kill the restored CT", lambda: lifecycle.kill(ct))
-    init_pid = checkpoint.restore_images(ct, incoming.images, timeout=optional_number_arg(args, "deadline"))
+    lazy_port = optional_number_arg(args, "lazy_port")
+    if lazy_port is not None:
+        _start_lazy_pages(session, ct, incoming, int(lazy_port))
+    deadline = optional_number_arg(args, "deadline")
+    init_pid = checkpoint.restore_images(ct, incoming.images, timeout=deadline, lazy=lazy_port is not None)
     return {"init_pid": init_pid}
+
+
+def _start_lazy_pages(session: AgentSession, ct: Container, incoming: Incoming, port: int) -> None:
+    """Post-copy: the daemon that fetches the CT's pages from the source (through the tunnel ending on
+    127.0.0.1:port here) as the restored tasks touch them, and the rest in the background."""
+    session.stop_lazy_pages(ct.ctid)  # a retried request's
+    binary = require_criu(session.gconf.values.get("CRIU"))
+    work = checkpoint.log_dir(ct)  # the restore's work dir: the daemon's socket must be there
+    (work / LAZY_SOCKET).unlink(missing_ok=True)
+    daemon = start_lazy_pages(binary, incoming.images, work, ("127.0.0.1", port), timeout=None)
+    session.add_lazy_pages(ct.ctid, daemon)
 
 
 def resume(session: AgentSession, args: Args) -> dict[str, Any]:
@@ -87,6 +105,7 @@ def resume(session: AgentSession, args: Args) -> dict[str, Any]:
         _uncommit(session, incoming, ct)
         raise RestoreFailed(f"CT {ct.ctid} restored on {session.hostname} but could not be resumed: {e}") from e
     announced = announce(ct)
+    tcpkick.deliver(ct, tcpkick.decode(args.get("held")))  # peers' segments held on the source
     return {"conf": incoming.conf, "frozen": frozen, "announced": announced, "leftovers": session.finish(incoming)}
 
 
@@ -112,9 +131,10 @@ def _uncommit(session: AgentSession, incoming: Incoming, ct: Container) -> None:
 
 
 def announce(ct: Container) -> list[str]:
-    """Gratuitous ARP for the CT's addresses where they are routed (best effort: the CT runs already)."""
+    """Gratuitous ARP for the CT's addresses on vz.conf's NEIGHBOUR_DEVS (best effort: the CT runs already)."""
+    devs = ct.gconf.neighbour_devs
     try:
-        return sorted({name for ip in ct.ips for name in network.announce(ip, exclude=(ct.veth,))})
+        return sorted({name for ip in ct.ips for name in network.announce(ip, (ct.veth,), devs.mode, devs.devices)})
     except (VzError, OSError):
         return []
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from vzpy.config import GlobalConfig
-from vzpy.criu import Criu, require_criu
+from vzpy.criu import Criu, detect_capabilities, require_criu
+from vzpy.criu.features import DEFAULT_CACHE_DIR
 from vzpy.errors import VzError
 from vzpy.host.cpu import host_cpu
 from vzpy.runtime.cgroups import CGROUP_ROOT, CONTROLLERS
@@ -37,7 +38,18 @@ def _criu_facts(gconf: GlobalConfig) -> dict[str, Any]:
         features = Criu(binary).feature_check()
     except VzError:
         features = {}
-    return {"ok": True, "path": str(binary.path), "version": str(binary.version), "error": None, "features": features}
+    try:  # cached per kernel and CRIU: the lazy-pages probe runs once
+        migration = detect_capabilities(binary, DEFAULT_CACHE_DIR).migration_facts()
+    except (VzError, OSError) as e:
+        migration = {"error": str(e)}
+    return {
+        "ok": True,
+        "path": str(binary.path),
+        "version": str(binary.version),
+        "error": None,
+        "features": features,
+        "migration": migration,
+    }
 
 
 def cgroup_controllers(root: Path = CGROUP_ROOT) -> list[str]:

@@ -12,6 +12,18 @@ destination's state says. After a commit, a failure to clean up the source is a 
 
 While the CT is frozen every step gets what is left of --max-frozen as its deadline; when it runs out
 the migration is rolled back and the CT resumed here (FrozenTooLong).
+
+Online, the preflight picks the path (vzpy.migrate.paths) and the steps follow it:
+    stop-and-copy  freeze, dump with every page streamed to the destination's page server, restore there.
+    pre-copy       before the freeze, pre-dumps while the CT runs, each sending only the pages changed since
+                   the one before (vzpy.migrate.precopy's stop rule says when to stop); the frozen dump then
+                   sends what changed last. Rolled back like the rest: the destination's images go, the CT
+                   runs on here.
+    post-copy      freeze, dump without the pages (CRIU keeps serving them here), restore there with lazy
+                   pages, resume there; the pages follow on demand and in the background. The point of no
+                   return is the lazy restore's request: from then on the copy here is never resumed unless
+                   the destination says it has no CT, and once the CT runs there a failure of the page
+                   transfer loses it.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ import base64
 import contextlib
 import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -30,6 +44,10 @@ from typing import Any
 
 from vzpy import checkpoint, lifecycle
 from vzpy.container import Container
+from vzpy.criu import detect_capabilities, require_criu
+from vzpy.criu import images as criu_images
+from vzpy.criu import lazy as lazy_pages
+from vzpy.criu.features import DEFAULT_CACHE_DIR
 from vzpy.errors import VzError
 from vzpy.lifecycle import refuse_mounts_in_areas
 from vzpy.migrate import (
@@ -43,12 +61,15 @@ from vzpy.migrate import (
     ProtocolError,
     fault,
     marker,
+    paths,
+    precopy,
 )
 from vzpy.migrate.preflight import SourceFacts, check, disk_usage, dump_blockers, raise_blocking, read_cpu_flags
 from vzpy.migrate.remote import RemoteAgent, agent_argv, connect_agent
 from vzpy.migrate.rsync import Transfer, sync_tree
 from vzpy.migrate.ssh import OpenSsh, SshSession, Target
-from vzpy.migrate.tunnel import OpenSshTunnel
+from vzpy.migrate.tunnel import LOOPBACK, OpenSshTunnel, ReverseSshTunnel, free_port, listening
+from vzpy.runtime import tcpkick
 from vzpy.stage import Progress, Stage
 from vzpy.units import human_size
 
@@ -56,6 +77,9 @@ DEFAULT_MAX_FROZEN = 30.0
 RESUME_MIN_TIMEOUT = 15.0  # the commit's reply is worth waiting for: a timeout there leaves the outcome in doubt
 OFFLINE_START_TIMEOUT = 300.0
 LIVE_SYNC_TIMEOUT = 24 * 3600.0  # rsync's own --timeout catches a stalled link long before
+PAGE_TRANSFER_TIMEOUT = 3600.0  # pre-dump iterations' and post-copy's page transfers, the CT running
+ANY_ADDRESS = "0.0.0.0"
+LAZY_STOP_WAIT = 30.0  # a lazy dump told to stop (its page server's client hung up) ends within this
 QUERY_TIMEOUT = 30.0
 RECOVER_LOCK_WAIT = 60.0
 INLINE_IMAGES_MAX = 2 << 20  # base64 of this stays well under the protocol's 4 MiB line
@@ -96,6 +120,9 @@ class MigrateOptions:
     nodeps: frozenset[str] = frozenset()
     verbose: bool = False  # rsync's progress while files are copied
     max_frozen: float = DEFAULT_MAX_FROZEN
+    path: str | None = None  # online: the path asked for (vzpy.migrate.paths.PATHS); None: chosen
+    postcopy_allowed: bool | None = None  # None: vz.conf VZPY_MIGRATE_POSTCOPY says
+    stop_rule: precopy.StopRule = field(default_factory=precopy.StopRule)
 
 
 @dataclass
@@ -112,10 +139,15 @@ class Step:
 class Summary:
     ctid: str
     destination: str
-    path: str  # stop-and-copy (page-server streaming) | offline
+    path: str  # pre-copy | post-copy | stop-and-copy | offline
     phases: list[tuple[str, float]] = field(default_factory=list)
     frozen_seconds: float | None = None
     bytes_moved: int = 0
+    path_reasons: list[str] = field(default_factory=list)
+    iterations: list[precopy.Iteration] = field(default_factory=list)
+    stop_reason: str | None = None  # pre-copy: why the iterations stopped
+    pages_while_frozen: int | None = None
+    pages_lazy: int | None = None  # post-copy: pages that went after the CT ran on the destination
     problems_skipped: list[str] = field(default_factory=list)
     announced: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -126,12 +158,23 @@ class Summary:
             "destination": self.destination,
             "path": self.path,
             "phases": [{"name": n, "seconds": round(s, 3)} for n, s in self.phases],
+            "path_reasons": self.path_reasons,
+            "iterations": [iteration.as_dict() for iteration in self.iterations],
+            "stop_reason": self.stop_reason,
+            "pages_while_frozen": self.pages_while_frozen,
+            "pages_total": self.pages_total,
             "frozen_seconds": None if self.frozen_seconds is None else round(self.frozen_seconds, 3),
             "bytes_moved": self.bytes_moved,
             "preflight_skipped": self.problems_skipped,
             "announced": self.announced,
             "warnings": self.warnings,
         }
+
+    @property
+    def pages_total(self) -> int | None:
+        if self.pages_while_frozen is None:
+            return None
+        return sum(i.pages for i in self.iterations) + self.pages_while_frozen + (self.pages_lazy or 0)
 
 
 class FrozenBudget:
@@ -209,7 +252,12 @@ class Migration:
         self.was_running = ct.stage() is Stage.RUNNING
         self.budget = FrozenBudget(options.max_frozen)
         self.fault = fault.from_env()
-        self.summary = Summary(ct.ctid, str(options.target), "offline")
+        self.summary = Summary(ct.ctid, str(options.target), paths.OFFLINE)
+        self.path = paths.OFFLINE
+        self.precopy_parent: str | None = None  # the last pre-dump's images subdir
+        self.predump_subdir: str | None = None  # the pre-dump under way (its page server there)
+        self.lazy: LazyDump | None = None
+        self.lazy_ports: tuple[int, int] | None = None  # post-copy: (here, there)
         self._last_progress = 0.0
 
     @property
@@ -218,39 +266,93 @@ class Migration:
 
     # --- the plan
 
+    def checks(self) -> list[Step]:
+        return [Step("connect", "connect", self._connect), Step("preflight", "preflight", self._preflight)]
+
     def steps(self) -> list[Step]:
-        """The plan, in order. Online: everything that can be done before the freeze is done before it."""
-        checks = [Step("connect", "connect", self._connect), Step("preflight", "preflight", self._preflight)]
+        """The plan after the checks, in order, for the path the preflight chose. Online: everything that can
+        be done before the freeze is done before it."""
         if self.opts.check_only:
-            return checks
+            return []
         prepare = Step("prepare", "prepare destination", self._prepare, self._cleanup_destination)
         cleanup = Step("finish", "clean up source", self._finish_source)
-        if self.opts.online:
-            return [
-                *checks,
-                prepare,
-                Step("tunnel", "page server and tunnel", self._open_tunnel, self._close_tunnel),
-                Step("sync", "sync files", self._sync_files),
-                Step("suspend", "suspend", self._suspend, self.resume_source),
-                Step("dump", "dump (pages streamed to the destination)", self._dump, frozen=True),
-                # after the dump: the link-remap files it put in the tree (see vzpy.linkremap) go along
-                Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
-                Step("copy-images", "copy images", self._copy_images, frozen=True),
+        if self.path == paths.POST_COPY:
+            return [prepare, *self._postcopy_steps(), cleanup]
+        if self.path in (paths.PRE_COPY, paths.STOP_AND_COPY):
+            return [prepare, *self._streaming_steps(self.path == paths.PRE_COPY), cleanup]
+        return [prepare, *self._offline_steps(), cleanup]
+
+    def _streaming_steps(self, precopy_first: bool) -> list[Step]:
+        tunnel = Step("tunnel", "page server and tunnel", self._open_tunnel, self._close_tunnel)
+        sync = Step("sync", "sync files", self._sync_files)
+        # pre-copy: the files first, so that the memory copied last is the freshest; its iterations use
+        # connections of their own, the tunnel's (shared with the frozen final sync) comes after them
+        before_freeze = (
+            [
+                sync,
                 Step(
-                    "restore",
-                    "restore on destination",
-                    self._restore_remote,
-                    self._cleanup_destination,
-                    frozen=True,
+                    "precopy",
+                    "pre-copy memory (CT running)",
+                    self._precopy,
+                    self._stop_precopy,
                     undo_if_failed=True,
                 ),
-                Step("resume", "resume on destination", self._resume_remote, frozen=True),
-                cleanup,
+                tunnel,
             ]
+            if precopy_first
+            else [tunnel, sync]
+        )
+        dump = (
+            "dump (changed pages to the destination)" if precopy_first else "dump (pages streamed to the destination)"
+        )
+        return [
+            *before_freeze,
+            Step("suspend", "suspend", self._suspend, self.resume_source),
+            Step("dump", dump, self._dump, frozen=True),
+            # after the dump: the link-remap files it put in the tree (see vzpy.linkremap) go along
+            Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
+            Step("copy-images", "copy images", self._copy_images, frozen=True),
+            Step(
+                "restore",
+                "restore on destination",
+                self._restore_remote,
+                self._cleanup_destination,
+                frozen=True,
+                undo_if_failed=True,
+            ),
+            Step("resume", "resume on destination", self._resume_remote, frozen=True),
+        ]
+
+    def _postcopy_steps(self) -> list[Step]:
+        return [
+            Step("tunnel", "tunnel for the lazy pages", self._open_reverse_tunnel, self._close_tunnel),
+            Step("sync", "sync files", self._sync_files),
+            Step("suspend", "suspend", self._suspend, self.resume_source),
+            Step(
+                "lazy-dump",
+                "dump (pages kept here for lazy transfer)",
+                self._lazy_dump,
+                self._stop_lazy_dump,
+                frozen=True,
+                undo_if_failed=True,  # a lazy dump that did not get ready must be stopped before the CT wakes
+            ),
+            Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
+            Step("copy-images", "copy images", self._copy_images, frozen=True),
+            Step(
+                "lazy-restore",
+                "restore on destination with lazy pages (point of no return)",
+                self._lazy_restore_remote,
+                self._cleanup_destination,
+                frozen=True,
+                undo_if_failed=True,
+            ),
+            Step("resume", "resume on destination", self._resume_remote, frozen=True),
+            Step("pages", "serve the pages until all arrived", self._serve_lazy_pages),
+        ]
+
+    def _offline_steps(self) -> list[Step]:
         start = "start on destination" if self.was_running else "register on destination"
         return [
-            *checks,
-            prepare,
             Step("sync", "sync files", self._sync_files),
             *(
                 [Step("stop", "stop", self._stop_source, self._start_source, undo_if_failed=True)]
@@ -259,7 +361,6 @@ class Migration:
             ),
             Step("final-sync", "final sync", self._sync_files),
             Step("start", start, self._start_remote),
-            cleanup,
         ]
 
     def run(self) -> Summary:
@@ -274,11 +375,14 @@ class Migration:
                 f"CT {self.ct.ctid} is not running: an online migration needs a running CT "
                 "(drop --online to move it stopped)"
             )
-        if self.opts.online:
-            self.summary.path = "stop-and-copy (page-server streaming)"
+        if self.opts.path is not None and not self.opts.online:
+            raise MigrateUsage(f"--{self.opts.path.replace('-', '')} is a path of live migration: add --online")
         remove_stale_scratch(self.ct)
         done: list[Step] = []
         try:
+            for step in self.checks():
+                self._run_step(step)
+                done.append(step)
             for step in self.steps():
                 if step.undo_if_failed:
                     done.append(step)
@@ -345,6 +449,24 @@ class Migration:
         )
         self.summary.problems_skipped = [p.message for p in problems if p.skipped]
         raise_blocking(problems)
+        if self.opts.online:
+            self._choose_path(agent.hello)
+
+    def _choose_path(self, hello: dict[str, Any]) -> None:
+        """The path, and why; PathUnavailable (before anything is copied) for one asked for that cannot be."""
+        theirs = (hello.get("criu") or {}).get("migration") or {}
+        allowed = self.opts.postcopy_allowed
+        if allowed is None:
+            allowed = paths.postcopy_policy(self.ct.gconf.values.get(paths.POLICY_KEY))
+        try:
+            ours, unknown = source_migration_facts(self.ct), []
+        except VzError as e:  # the dump will say what is wrong with CRIU here; only stop-and-copy is sure
+            ours, unknown = {}, [f"this host's CRIU facts are unknown: {e.message}"]
+        choice = paths.choose(ours, theirs, self.opts.path, postcopy_allowed=allowed)
+        self.path = self.summary.path = choice.path
+        self.summary.path_reasons = [*unknown, *choice.reasons]
+        for reason in self.summary.path_reasons:
+            self.progress(f"  {reason}")
 
     # --- files
 
@@ -411,10 +533,69 @@ class Migration:
 
     def _open_tunnel(self) -> None:
         """Before the freeze: a page server on the destination, and an SSH tunnel to it from here."""
-        self.work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.ct.ctid}-", dir=self._dumpdir()))
-        self.control_path = self.work / "ssh.sock"
-        port = self._agent().page_server_start(self.ct.ctid)
+        self.control_path = self._make_work() / "ssh.sock"
+        if self.precopy_parent:  # only the pages changed since the last pre-dump are sent
+            port = self._agent().page_server_start(self.ct.ctid, parent=self.precopy_parent)
+        else:
+            port = self._agent().page_server_start(self.ct.ctid)
         self.tunnel = OpenSshTunnel(self._openssh(), port).start()
+
+    def _make_work(self) -> Path:
+        if self.work is None:
+            self.work = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{self.ct.ctid}-", dir=self._dumpdir()))
+        return self.work
+
+    # --- pre-copy
+
+    def _precopy(self) -> None:
+        """Pre-dump iterations while the CT runs, until the stop rule says freeze now."""
+        written: list[int] = []
+        while True:
+            index = len(written) + 1
+            iteration = self._predump(precopy.subdir(index), self.precopy_parent)
+            self.precopy_parent = precopy.subdir(index)
+            self.summary.iterations.append(iteration)
+            written.append(iteration.pages)
+            self.progress(
+                f"  pre-dump {index}: {iteration.pages} pages sent, {iteration.skipped} unchanged, "
+                f"{iteration.seconds:.2f}s"
+            )
+            why = self.opts.stop_rule.why_stop(written)
+            if why is not None:
+                self.summary.stop_reason = why
+                self.progress(f"  freezing now: {why}")
+                return
+
+    def _predump(self, subdir: str, parent: str | None) -> precopy.Iteration:
+        """One pre-dump into `subdir` on both hosts, its pages through a tunnel of its own."""
+        agent, ctid = self._agent(), self.ct.ctid
+        images = self._make_work() / "images" / subdir
+        images.mkdir(mode=0o700, parents=True)
+        started = time.monotonic()
+        self.predump_subdir = subdir
+        port = agent.page_server_start(ctid, subdir, parent=parent or "")
+        with OpenSshTunnel(self._link().session.openssh(), port) as tunnel:
+            try:
+                checkpoint.pre_dump_images(
+                    self.ct, images, (LOOPBACK, tunnel.local_port), parent=f"../{parent}" if parent else None
+                )
+            except VzError as e:
+                raise CheckpointFailed(f"pre-dump of CT {ctid} failed: {e.message}", detail=e.detail) from e
+            self.summary.bytes_moved += agent.page_server_wait(ctid, subdir, timeout=PAGE_TRANSFER_TIMEOUT)
+        self.predump_subdir = None
+        stats = self._dump_stats()
+        return precopy.Iteration(
+            stats.get("pages_written", 0), stats.get("pages_skipped_parent", 0), time.monotonic() - started
+        )
+
+    def _stop_precopy(self) -> None:
+        """The pre-dump under way's page server there (the destination's images go with its cleanup)."""
+        subdir, self.predump_subdir = self.predump_subdir, None
+        link = self.link
+        if subdir is not None and link is not None and link.agent.usable:
+            with contextlib.suppress(VzError):
+                link.agent.page_server_stop(self.ct.ctid, subdir, timeout=QUERY_TIMEOUT)
+        self._remove_work()
 
     def _close_tunnel(self) -> None:
         if self.tunnel is not None:
@@ -435,14 +616,16 @@ class Migration:
             checkpoint.dump_images(
                 self.ct,
                 images,
-                page_server=("127.0.0.1", self.tunnel.local_port),
+                page_server=(LOOPBACK, self.tunnel.local_port),
                 timeout=self._frozen_left("the dump"),
+                parent=self.precopy_parent,
             )
         except VzError as e:
             with contextlib.suppress(VzError):
                 agent.page_server_stop(ctid, timeout=QUERY_TIMEOUT)
             raise CheckpointFailed(f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail) from e
         self.summary.bytes_moved += agent.page_server_wait(ctid, timeout=self._frozen_left("the page server") or 600)
+        self.summary.pages_while_frozen = self._dump_stats().get("pages_written", 0)
 
     def _copy_images(self) -> None:
         """The images CRIU wrote here (all but the pages, which went to the page server): small ones inline
@@ -471,9 +654,84 @@ class Migration:
         fingerprint = checkpoint.fs_fingerprint(self.ct)
         self._agent().restore(self.ct.ctid, fingerprint, timeout=self._frozen_left("the restore") or 600)
 
+    # --- post-copy
+
+    def _open_reverse_tunnel(self) -> None:
+        """Before the freeze: a port there that reaches, through SSH, the port the lazy dump will serve
+        the pages on here. The tunnel's ssh is the ControlMaster the syncs share."""
+        self.control_path = self._make_work() / "ssh.sock"
+        here, there = free_port(), self._agent().lazy_port(self.ct.ctid)
+        self.lazy_ports = (here, there)
+        self.tunnel = ReverseSshTunnel(self._openssh(), there, here).start()
+
+    def _lazy_dump(self) -> None:
+        """Dump the frozen CT but its memory pages, which CRIU keeps serving here (it returns once they were all
+        fetched: in a thread); on once its images are written and its page server listens."""
+        assert self.lazy_ports is not None, "open the reverse tunnel first"
+        here = self.lazy_ports[0]
+        images = self._work() / "images"
+        images.mkdir(mode=0o700, exist_ok=True)
+        lazy = self.lazy = LazyDump(self.ct, images, here)
+        lazy.start()
+        # CRIU 4.2.1's lazy page server listens on every address whatever it is told: LazyDump lets only lo in
+        while not (lazy.images_written.is_set() and (listening(LOOPBACK, here) or listening(ANY_ADDRESS, here))):
+            if lazy.error is not None:
+                error = lazy.error
+                raise CheckpointFailed(
+                    f"dump of CT {self.ct.ctid} for the migration failed: {error.message}", detail=error.detail
+                ) from error
+            if lazy.finished.is_set():
+                raise CheckpointFailed(f"the lazy dump of CT {self.ct.ctid} ended before serving its pages")
+            self._frozen_left("the dump")  # FrozenTooLong when none is left
+            time.sleep(0.02)
+        self.summary.pages_while_frozen, self.summary.pages_lazy = criu_images.pagemap_pages(images)
+
+    def _stop_lazy_dump(self) -> None:
+        """Rollback: make the lazy dump end (its page server's first client hangs up at once: CRIU stops
+        serving) so that the CT here can be resumed."""
+        lazy, self.lazy = self.lazy, None
+        if lazy is None:
+            return
+        lazy.stop()
+        if not lazy.finished.wait(LAZY_STOP_WAIT):
+            self.progress(f"warning: the lazy dump of CT {self.ct.ctid} did not stop within {LAZY_STOP_WAIT:g}s")
+
+    def _lazy_restore_remote(self) -> None:
+        """The point of no return of post-copy: the destination restores the CT with its pages coming from
+        here. From the request on, only a reply saying there is no CT there brings the migration back; any
+        other failure until the resume's reply leaves the outcome in doubt (the copy here stays frozen)."""
+        assert self.lazy_ports is not None, "open the reverse tunnel first"
+        fingerprint = checkpoint.fs_fingerprint(self.ct)
+        timeout = self._frozen_left("the restore") or 600
+        there = self.lazy_ports[1]
+        self._commit(
+            lambda: {"init_pid": self._agent().restore(self.ct.ctid, fingerprint, timeout=timeout, lazy_port=there)}
+        )
+        self.phase = "in doubt"  # restored there, not yet committed: the resume's reply settles it
+
+    def _serve_lazy_pages(self) -> None:
+        """The CT runs there: the pages it has not touched yet go on from here until every one arrived."""
+        lazy = self.lazy
+        assert lazy is not None, "dump first"
+        if not lazy.finished.wait(PAGE_TRANSFER_TIMEOUT) or lazy.error is not None:
+            why = lazy.error.message if lazy.error is not None else f"not done after {PAGE_TRANSFER_TIMEOUT:g}s"
+            raise MigrateError(
+                f"CT {self.ct.ctid} runs on {self.opts.target.host} but the rest of its memory could not be sent "
+                f"({why}): it is lost there; the frozen copy here is kept, see `vzpy migrate --help` (post-copy)"
+            )
+        try:
+            code: int | str = self._agent().lazy_wait(self.ct.ctid, timeout=QUERY_TIMEOUT)
+        except VzError as e:
+            code = e.message
+        if code != 0:
+            warning = f"warning: the lazy-pages daemon on {self.opts.target.host} did not end cleanly ({code})"
+            self.summary.warnings.append(warning)
+            self.progress(warning)
+
     def _resume_remote(self) -> None:
         timeout = max(self._frozen_left("the resume on the destination") or 0.0, RESUME_MIN_TIMEOUT)
-        reply = self._commit(lambda: self._agent().resume(self.ct.ctid, timeout=timeout))
+        held = tcpkick.encode(tcpkick.release(self.ct))  # what peers sent the frozen CT: delivered there
+        reply = self._commit(lambda: self._agent().resume(self.ct.ctid, timeout=timeout, held=held))
         self.summary.frozen_seconds = self.budget.stop()
         self.summary.announced = list(reply.get("announced", []))
         self.progress(
@@ -564,6 +822,10 @@ class Migration:
 
     # --- plumbing
 
+    def _dump_stats(self) -> dict[str, int]:
+        """What CRIU's last dump or pre-dump of the CT counted (its stats image is in CRIU's work dir)."""
+        return criu_images.dump_stats(checkpoint.log_dir(self.ct)) or {}
+
     def _dumpdir(self) -> Path:
         path = self.ct.gconf.dumpdir
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -587,6 +849,57 @@ class Migration:
         if self.link is not None:
             with contextlib.suppress(VzError, OSError):
                 self.link.close()
+
+
+class LazyDump:
+    """Post-copy's dump, in a thread: it returns only once the destination fetched every page."""
+
+    def __init__(self, ct: Container, images: Path, port: int) -> None:
+        self.ct, self.images, self.port = ct, images, port
+        self.images_written = threading.Event()
+        self.finished = threading.Event()
+        self.error: VzError | None = None
+        self.thread = threading.Thread(target=self._run, name=f"lazy dump of CT {ct.ctid}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Make CRIU stop serving: a client that hangs up at once ends its page server."""
+        if not self.finished.is_set():
+            with contextlib.suppress(OSError), socket.create_connection((LOOPBACK, self.port), timeout=5):
+                pass
+
+    def _run(self) -> None:
+        try:
+            with lazy_pages.loopback_only(self.port):
+                checkpoint.dump_images(
+                    self.ct,
+                    self.images,
+                    page_server=(LOOPBACK, self.port),
+                    lazy=True,
+                    on_images=self.images_written.set,
+                )
+        except VzError as e:
+            self.error = e
+        finally:
+            self.finished.set()
+
+
+def path_to(options: MigrateOptions, source: dict[str, Any], postcopy_allowed: bool) -> paths.PathChoice:
+    """The path an online migration from this host to options.target would take, and why (`vzpy check --to`)."""
+    link = connect(options)
+    try:
+        theirs = (link.agent.hello.get("criu") or {}).get("migration") or {}
+    finally:
+        link.close()
+    return paths.choose(source, theirs, options.path, postcopy_allowed=postcopy_allowed)
+
+
+def source_migration_facts(ct: Container) -> dict[str, Any]:
+    """This host's kernel and CRIU facts that decide a migration's path (cached like `vzpy check`'s)."""
+    binary = require_criu(ct.gconf.values.get("CRIU"))
+    return detect_capabilities(binary, DEFAULT_CACHE_DIR).migration_facts()
 
 
 # --- shared with --recover

@@ -5,9 +5,12 @@ hello first. The explicit table OPS is the protocol's whole surface on the desti
     ct_exists(ctid, ips)               whether the CTID (or its private area, or the IPs) is taken here
     prepare(ctid, conf_text, token)    take the CT's lock, make its private area and a 0700 work dir
                                        (DUMPDIR/Migrate.CTID/images), write CTID.conf.migrating
-    page_server_start/wait/stop        a CRIU page server on 127.0.0.1 writing into the images dir
+    page_server_start/wait/stop        a CRIU page server on 127.0.0.1 writing into the images dir (or a
+                                       pre-dump iteration's subdir, whose `parent` link names the one before)
+    lazy_port(ctid)                    post-copy: a free loopback port here for the tunnel to the source's pages
+    lazy_wait(ctid, wait)              post-copy, after the commit: wait for the lazy-pages daemon to finish
     put_images(ctid, files)            the dump's other images, inline
-    restore(ctid, fs_fingerprint)      restore the CT, frozen
+    restore(ctid, fs_fingerprint)      restore the CT, frozen (with lazy_port: post-copy, pages fetched from there)
     resume(ctid)                       commit (CTID.conf.migrating -> CTID.conf), then wake the CT
     start(ctid, start)                 offline: commit, then start the CT (or only register it)
     cleanup(ctid, keep_dst)            undo everything prepare (and later ops) did for the CT
@@ -21,7 +24,9 @@ before commit, every uncommitted CT is rolled back.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vzpy import __version__, areas
-from vzpy.config import ConfFile
+from vzpy.config import VALUE_CHECKS, ConfFile
 from vzpy.criu import Criu, CriuOptions, log_excerpt, require_criu
 from vzpy.errors import VzError
 from vzpy.host import addresses
@@ -60,6 +65,7 @@ from vzpy.migrate.protocol import PROTOCOL_VERSION, check_compatible, negotiated
 from vzpy.migrate.session import AgentSession, Incoming, remove
 
 PAGE_SERVER_ADDRESS = "127.0.0.1"
+PARENT_LINK = "parent"  # CRIU's name for the link to the parent images
 PAGE_SERVER_LOG = "page-server.log"
 
 Handler = Callable[[AgentSession, Args], dict[str, Any]]
@@ -167,6 +173,8 @@ def _staged_conf(conf_text: str, conf_path: Path, private: Path, root: Path) -> 
     staged = conf_path.with_name(conf_path.name + ".migrating")
     try:
         conf = ConfFile.parse(staged, conf_text)
+        for key in VALUE_CHECKS:  # lines vzctl skips are skipped here too; a bad value of a key vzpy applies is not
+            conf.checked(key)
         conf.set("VE_PRIVATE", str(private))
         conf.set("VE_ROOT", str(root))
     except VzError as e:
@@ -219,6 +227,7 @@ def page_server_start(session: AgentSession, args: Args) -> dict[str, Any]:
     if running is not None and running.exit_code is None:
         return {"port": running.port, "pid": running.pid, "images_dir": str(directory)}
     directory.mkdir(mode=0o700, exist_ok=True)
+    _link_parent(incoming.images, directory, subdir_arg(args, "parent"))
     try:
         binary = require_criu(session.gconf.values.get("CRIU"))
     except VzError as e:
@@ -227,6 +236,32 @@ def page_server_start(session: AgentSession, args: Args) -> dict[str, Any]:
     server = Criu(binary).page_server(options)
     session.add_page_server(incoming.ctid, subdir, server)
     return {"port": server.port, "pid": server.pid, "images_dir": str(directory)}
+
+
+def _link_parent(images: Path, directory: Path, parent: str) -> None:
+    """Pre-copy: `directory`'s "parent" link to the previous iteration's images (a sibling subdir of the
+    images dir): the page server and the restore read the pages not sent again through it."""
+    link = directory / PARENT_LINK
+    if link.is_symlink():
+        link.unlink()
+    if not parent:
+        return
+    if parent == directory.name or not (images / parent).is_dir():
+        raise CopyFailed(f"no images of pre-dump {parent!r} here to build on")
+    link.symlink_to(os.path.relpath(images / parent, directory))
+
+
+def lazy_port(session: AgentSession, args: Args) -> dict[str, Any]:
+    """A loopback port nobody listens on now (the source's ssh -R binds it; it retries if it was taken)."""
+    session.incoming_ct(args)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((PAGE_SERVER_ADDRESS, 0))
+        return {"port": int(sock.getsockname()[1])}
+
+
+def lazy_wait(session: AgentSession, args: Args) -> dict[str, Any]:
+    """Post-copy, after the commit: wait until the lazy-pages daemon has every page (it exits then)."""
+    return {"exit_code": session.wait_lazy_pages(ctid_arg(args), number_arg(args, "wait", 60.0))}
 
 
 def page_server_wait(session: AgentSession, args: Args) -> dict[str, Any]:
@@ -263,6 +298,8 @@ OPS: dict[str, Op] = {
     "page_server_start": Op(page_server_start, CopyFailed),
     "page_server_wait": Op(page_server_wait, CopyFailed),
     "page_server_stop": Op(page_server_stop, CopyFailed),
+    "lazy_port": Op(lazy_port, CopyFailed),
+    "lazy_wait": Op(lazy_wait, CopyFailed),
     "put_images": Op(destination.put_images, CopyFailed),
     "restore": Op(destination.restore, RestoreFailed),
     "resume": Op(destination.resume, RestoreFailed),

@@ -48,9 +48,19 @@ class RemoteAgent:
         """Paths on the destination: private, root, workdir, images_dir, conf."""
         return self.client.call("prepare", ctid=ctid, conf_text=conf_text, token=token, keep_dst=keep_dst)
 
-    def page_server_start(self, ctid: str, subdir: str = "") -> int:
-        """Start a page server for the CT's images (subdir: one pre-dump iteration); its loopback port."""
-        return int(self.client.call("page_server_start", ctid=ctid, subdir=subdir)["port"])
+    def page_server_start(self, ctid: str, subdir: str = "", parent: str = "") -> int:
+        """Start a page server for the CT's images (subdir: one pre-dump iteration; parent: the iteration
+        before, whose pages need not be sent again); its loopback port."""
+        args: dict[str, Any] = {"parent": parent} if parent else {}
+        return int(self.client.call("page_server_start", ctid=ctid, subdir=subdir, **args)["port"])
+
+    def lazy_port(self, ctid: str) -> int:
+        """Post-copy: a free loopback port there, for the tunnel to this host's lazy page server."""
+        return int(self.client.call("lazy_port", ctid=ctid)["port"])
+
+    def lazy_wait(self, ctid: str, *, timeout: float) -> int:
+        """Post-copy, after the commit: wait for the lazy-pages daemon there to have every page; its exit code."""
+        return int(self.client.call("lazy_wait", ctid=ctid, wait=timeout, timeout=timeout + 5.0)["exit_code"])
 
     def page_server_wait(self, ctid: str, subdir: str = "", timeout: float = LONG_OP_TIMEOUT) -> int:
         """Wait for the page server to finish; the bytes of memory pages it received."""
@@ -64,16 +74,26 @@ class RemoteAgent:
         """Write the named images (base64) into the CT's images dir there; how many."""
         return int(self.client.call("put_images", ctid=ctid, files=dict(files), timeout=timeout)["written"])
 
-    def restore(self, ctid: str, fs_fingerprint: Mapping[str, Any] | None, *, timeout: float = LONG_OP_TIMEOUT) -> int:
-        """Restore the CT there, frozen (CRIU bounded by `timeout` there too); its init's pid."""
+    def restore(
+        self,
+        ctid: str,
+        fs_fingerprint: Mapping[str, Any] | None,
+        *,
+        timeout: float = LONG_OP_TIMEOUT,
+        lazy_port: int | None = None,
+    ) -> int:
+        """Restore the CT there, frozen (CRIU bounded by `timeout` there too); its init's pid. lazy_port:
+        post-copy, its pages come from the lazy page server the tunnel reaches on that port there."""
+        args = {} if lazy_port is None else {"lazy_port": lazy_port}
         reply = self.client.call(
-            "restore", ctid=ctid, fs_fingerprint=fs_fingerprint, deadline=timeout, timeout=timeout + 5.0
+            "restore", ctid=ctid, fs_fingerprint=fs_fingerprint, deadline=timeout, timeout=timeout + 5.0, **args
         )
         return int(reply["init_pid"])
 
-    def resume(self, ctid: str, *, timeout: float) -> Message:
-        """Commit the CT there and wake it: frozen time there, interfaces announced on."""
-        return self.client.call("resume", ctid=ctid, timeout=timeout)
+    def resume(self, ctid: str, *, timeout: float, held: list[str] | None = None) -> Message:
+        """Commit the CT there and wake it, then deliver into it the TCP segments `held` for it while it was
+        frozen (vzpy.runtime.tcpkick): frozen time there, interfaces announced on."""
+        return self.client.call("resume", ctid=ctid, timeout=timeout, **({"held": held} if held else {}))
 
     def start(self, ctid: str, *, start: bool, timeout: float) -> Message:
         """Commit the CT there and (start) start it."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from vzpy import fileio, lock
+from vzpy import fileio, lock, proc
 from vzpy.config import GlobalConfig
 from vzpy.criu import PageServer
 from vzpy.errors import VzError
@@ -102,6 +102,7 @@ class AgentSession:
         self.incoming: dict[str, Incoming] = {}
         self._locks: dict[str, lock.CtLock] = {}
         self._page_servers: dict[tuple[str, str], PageServer] = {}
+        self._lazy_pages: dict[str, proc.Child] = {}  # post-copy's lazy-pages daemons, by CT
         self._undo: dict[str, list[tuple[str, Callable[[], None]]]] = {}
 
     @property
@@ -169,6 +170,29 @@ class AgentSession:
     def stop_page_servers(self, ctid: str) -> None:
         for key in [key for key in self._page_servers if key[0] == ctid]:
             self._page_servers.pop(key).stop()
+
+    # --- post-copy's lazy-pages daemons: killed by a rollback, left running by a commit (the CT needs them
+    # until every page arrived; they exit then, also after this agent is gone)
+
+    def add_lazy_pages(self, ctid: str, daemon: proc.Child) -> None:
+        self._lazy_pages[ctid] = daemon
+        self.on_rollback(ctid, "stop the lazy-pages daemon", lambda: self.stop_lazy_pages(ctid))
+
+    def stop_lazy_pages(self, ctid: str) -> None:
+        daemon = self._lazy_pages.pop(ctid, None)
+        if daemon is not None:
+            daemon.close()
+
+    def wait_lazy_pages(self, ctid: str, wait: float) -> int:
+        """The daemon's exit code once it exited (CopyFailed when there is none, or it still runs)."""
+        daemon = self._lazy_pages.get(ctid)
+        if daemon is None:
+            raise CopyFailed(f"no lazy-pages daemon runs for CT {ctid} on {self.hostname}")
+        code = daemon.wait(wait)
+        if code is None:
+            raise CopyFailed(f"the lazy-pages daemon of CT {ctid} on {self.hostname} still runs after {wait:g}s")
+        self._lazy_pages.pop(ctid)
+        return code
 
     # --- commit, rollback
 

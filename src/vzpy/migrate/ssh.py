@@ -1,7 +1,13 @@
 """SSH to the destination: paramiko for the agent's JSON channel and simple commands, and the matching
 OpenSSH argv (same user, port, identity and known_hosts, strict host keys) for rsync and the tunnel.
 
-Host keys are always verified against one known_hosts file: an unknown host is refused with its
+The operator's ssh_config (~/.ssh/config, then /etc/ssh/ssh_config, as ssh(1) reads them) applies as it did
+to vzmigrate, which ran ssh: a Host alias's HostName, User, Port, IdentityFile, UserKnownHostsFile and
+GlobalKnownHostsFile, unless the command line gives them (user@, :port, --ssh-key, --known-hosts). They are
+resolved once, here, and given explicitly to both paramiko and OpenSSH (`-F /dev/null`), so both reach the
+same host with the same identity; the system's known_hosts (/etc/ssh/ssh_known_hosts) is consulted too.
+
+Host keys are always verified against one known_hosts file (and the system's): an unknown host is refused with its
 fingerprint and how to accept it, unless `accept_new` (OpenSSH's StrictHostKeyChecking=accept-new) was
 asked for; a changed key is always refused. Nothing here builds a shell string from unquoted input: a
 remote argv is quoted with shlex.join (sshd runs it through the remote user's shell).
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import glob
 import hashlib
 import ipaddress
 import os
@@ -41,6 +48,10 @@ DEFAULT_PORT = 22
 DEFAULT_TIMEOUT = 10.0
 KEEPALIVE = 15
 ENV_KNOWN_HOSTS = "VZPY_KNOWN_HOSTS"
+SYSTEM_SSH_CONFIG = Path("/etc/ssh/ssh_config")
+SYSTEM_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
+INCLUDE_RE = re.compile(r"^\s*Include\s+(.+?)\s*$", re.IGNORECASE)
+MAX_INCLUDE_DEPTH = 16  # ssh's READCONF_MAX_DEPTH
 DEFAULT_KEYS = ("id_ed25519", "id_ecdsa", "id_rsa")
 STDERR_TAIL_BYTES = 8192
 USER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
@@ -64,6 +75,10 @@ class Target:
     user: str
     host: str
     port: int = DEFAULT_PORT
+    # from the operator's ssh_config for this host (parse_target): used unless the command line names others
+    identity_file: Path | None = field(default=None, compare=False)
+    user_known_hosts: Path | None = field(default=None, compare=False)
+    global_known_hosts: Path | None = field(default=None, compare=False)
 
     @property
     def is_ipv6(self) -> bool:
@@ -90,15 +105,85 @@ class Target:
         return f"{self.user}@{host}{port}"
 
 
-def parse_target(text: str, *, default_port: int = DEFAULT_PORT) -> Target:
-    """`[user@]host[:port]` (IPv6 as `[addr]` or `[addr]:port`); MigrateUsage (exit 1) if malformed."""
+def parse_target(
+    text: str, *, default_port: int = DEFAULT_PORT, ssh_config: paramiko.SSHConfig | None = None
+) -> Target:
+    """`[user@]host[:port]` (IPv6 as `[addr]` or `[addr]:port`); MigrateUsage (exit 1) if malformed.
+
+    What the text leaves out comes from ssh_config's entry for host (default: the operator's files), as ssh
+    does: HostName, User, Port, and the identity and known_hosts files for SshSession.connect."""
     user, at, rest = text.rpartition("@")
+    host, port = _split_host_port(rest, text, 0)  # 0: no port given (a given one is 1..65535)
+    host = _validate_host(host, text)
+    entry = _lookup(ssh_config or operator_ssh_config(), host)
     if not at:
-        user = DEFAULT_USER
+        user = entry.get("user") or DEFAULT_USER
     if not USER_RE.match(user):
         raise MigrateUsage(f"invalid user {user!r} in destination {text!r}: use [user@]host[:port]")
-    host, port = _split_host_port(rest, text, default_port)
-    return Target(user=user, host=_validate_host(host, text), port=port)
+    if not port:
+        port = _parse_port(entry["port"], f"{text} (Port in ssh_config)") if "port" in entry else default_port
+    real_host = _validate_host(entry.get("hostname") or host, f"{text} (HostName in ssh_config)")
+    return Target(
+        user=user,
+        host=real_host,
+        port=port,
+        identity_file=next((Path(p) for p in entry.get("identityfile", []) if Path(p).is_file()), None),
+        user_known_hosts=_config_path(entry.get("userknownhostsfile")),
+        global_known_hosts=_config_path(entry.get("globalknownhostsfile")),
+    )
+
+
+def operator_ssh_config() -> paramiko.SSHConfig:
+    """~/.ssh/config then /etc/ssh/ssh_config, read as one (ssh's order: the first value found wins), with
+    their `Include`s (Debian's /etc/ssh/ssh_config.d/*.conf) inlined, which paramiko does not do itself."""
+    user_dir = Path.home() / ".ssh"
+    texts = [_config_text(user_dir / "config", user_dir), _config_text(SYSTEM_SSH_CONFIG, SYSTEM_SSH_CONFIG.parent)]
+    try:
+        return paramiko.SSHConfig.from_text("\n".join(texts))
+    except Exception as e:  # paramiko's parse errors have no common base
+        raise MigrateUsage(f"cannot parse ssh_config (~/.ssh/config or {SYSTEM_SSH_CONFIG}): {e}; fix it") from e
+
+
+def _config_text(path: Path, base: Path, depth: int = 0) -> str:
+    """A config file's text with its Include lines replaced by the files they name (relative to `base`, as ssh
+    resolves them: ~/.ssh for the user's, /etc/ssh for the system's), at most MAX_INCLUDE_DEPTH deep."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        raise MigrateUsage(f"cannot read ssh_config {path}: {e.strerror}") from e
+    lines = []
+    for line in text.splitlines():
+        match = INCLUDE_RE.match(line)
+        if not match:
+            lines.append(line)
+            continue
+        if depth >= MAX_INCLUDE_DEPTH:
+            raise MigrateUsage(f"ssh_config {path}: Include nested more than {MAX_INCLUDE_DEPTH} deep")
+        try:
+            patterns = shlex.split(match.group(1))
+        except ValueError as e:
+            raise MigrateUsage(f"ssh_config {path}: bad Include line {line.strip()!r}: {e}") from e
+        for pattern in patterns:
+            full = os.path.join(base, os.path.expanduser(pattern))
+            lines += [_config_text(Path(name), base, depth + 1) for name in sorted(glob.glob(full))]
+    return "\n".join(lines)
+
+
+def _lookup(config: paramiko.SSHConfig, host: str) -> dict[str, Any]:
+    try:
+        return dict(config.lookup(host))
+    except Exception as e:  # e.g. `Match exec`, which paramiko cannot evaluate here
+        raise MigrateUsage(f"cannot apply ssh_config to {host}: {e}; simplify its Host/Match blocks") from e
+
+
+def _config_path(value: str | None) -> Path | None:
+    """The first file of a known_hosts list in ssh_config (~ expanded); `none` is no file."""
+    words = (value or "").split()
+    if not words:
+        return None
+    return Path("/dev/null") if words[0].lower() == "none" else Path(os.path.expanduser(words[0]))
 
 
 def _split_host_port(rest: str, text: str, default_port: int) -> tuple[str, int]:
@@ -172,13 +257,14 @@ class OpenSsh:
     connect_timeout: int = int(DEFAULT_TIMEOUT)
     extra_options: tuple[tuple[str, str], ...] = ()
     prefer_gcm: bool = field(default_factory=cpu_has_aes)
+    global_known_hosts: Path | None = None
 
     def options(self) -> list[str]:
         opts = [
             ("BatchMode", "yes"),
             ("StrictHostKeyChecking", "yes"),
             ("UserKnownHostsFile", str(self.known_hosts)),
-            ("GlobalKnownHostsFile", "/dev/null"),
+            ("GlobalKnownHostsFile", str(self.global_known_hosts or "/dev/null")),
             ("ConnectTimeout", str(self.connect_timeout)),
             ("ServerAliveInterval", "10"),
             ("ServerAliveCountMax", "3"),
@@ -247,6 +333,7 @@ class SshSession:
     key: Path | None
     timeout: float
     accepted_new_key: str | None = None
+    system_known_hosts: Path | None = None
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
@@ -260,11 +347,16 @@ class SshSession:
         socket_factory: SocketFactory | None = None,
     ) -> SshSession:
         """Connect and authenticate with keys only. `socket_factory(family)` makes the (unconnected) TCP
-        socket, e.g. in another network namespace; default: a plain socket."""
-        known = safe_path(known_hosts or default_known_hosts(), "--known-hosts")
-        key_path = _explicit_key(key)
+        socket, e.g. in another network namespace; default: a plain socket. `key` and `known_hosts` (and
+        VZPY_KNOWN_HOSTS) override what the target's ssh_config entry names."""
+        from_config = None if os.environ.get(ENV_KNOWN_HOSTS) else target.user_known_hosts
+        known = safe_path(known_hosts or from_config or default_known_hosts(), "--known-hosts")
+        key_path = _explicit_key(key if key is not None else target.identity_file)
+        system_known = _system_known_hosts(target)
         client = paramiko.SSHClient()
         _load_known_hosts(client, known)
+        if system_known:
+            _load_known_hosts(client, system_known, system=True)
         policy = _StrictPolicy(target, known, accept_new)
         client.set_missing_host_key_policy(policy)
         sock = _connect_socket(target, timeout, socket_factory)
@@ -286,7 +378,7 @@ class SshSession:
             sock.close()
             raise _connect_error(e, target, known, key_path) from e
         client.get_transport().set_keepalive(KEEPALIVE)  # type: ignore[union-attr]  # connected: it has one
-        return cls(target, client, known, key_path, timeout, policy.accepted)
+        return cls(target, client, known, key_path, timeout, policy.accepted, system_known)
 
     # --- using it
 
@@ -299,7 +391,14 @@ class SshSession:
 
     def openssh(self, *, extra_options: tuple[tuple[str, str], ...] = ()) -> OpenSsh:
         """OpenSSH options reaching the same destination with the same identity and known_hosts."""
-        return OpenSsh(self.target, self.known_hosts, self.key, int(self.timeout), extra_options=extra_options)
+        return OpenSsh(
+            self.target,
+            self.known_hosts,
+            self.key,
+            int(self.timeout),
+            extra_options=extra_options,
+            global_known_hosts=self.system_known_hosts,
+        )
 
     def exec_json(self, argv: Sequence[str]) -> Connection:
         """Run argv on the destination and speak the JSON line protocol with it over its stdin/stdout."""
@@ -387,11 +486,21 @@ def _auth_kwargs(key: Path | None) -> dict[str, Any]:
     return {"key_filename": defaults or None, "allow_agent": True, "look_for_keys": False}
 
 
-def _load_known_hosts(client: paramiko.SSHClient, path: Path) -> None:
+def _system_known_hosts(target: Target) -> Path | None:
+    """The system-wide known_hosts (ssh_config's GlobalKnownHostsFile, else /etc/ssh/ssh_known_hosts), if any."""
+    path = target.global_known_hosts or SYSTEM_KNOWN_HOSTS
+    return safe_path(path, "GlobalKnownHostsFile") if path.is_file() else None
+
+
+def _load_known_hosts(client: paramiko.SSHClient, path: Path, *, system: bool = False) -> None:
+    """The user's known_hosts (accept-new appends to it), or with `system` one only read."""
     if not path.exists():
         return
     try:
-        client.get_host_keys().load(str(path))
+        if system:
+            client.load_system_host_keys(str(path))
+        else:
+            client.get_host_keys().load(str(path))
     except (OSError, paramiko.SSHException) as e:
         raise MigrateUsage(f"cannot read known_hosts {path}: {e}") from e
 

@@ -135,3 +135,35 @@ class OpenSshTunnel:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+REMOTE_FORWARD_OK = "remote forward success"  # ssh -v's debug1 line once the server listens for us
+
+
+class ReverseSshTunnel(OpenSshTunnel):
+    """Post-copy's tunnel the other way: 127.0.0.1:remote_port on the destination reaches 127.0.0.1:local_port
+    here (the dump's lazy page server), for the destination's lazy-pages daemon. Ready once the server said
+    it listens (ssh -v reports it); ExitOnForwardFailure makes ssh exit if the port was taken there."""
+
+    def __init__(self, ssh: OpenSsh, remote_port: int, local_port: int) -> None:
+        super().__init__(ssh, remote_port)
+        self.local_port = local_port
+
+    def argv(self, local_port: int) -> list[str]:
+        forward = f"{LOOPBACK}:{self.remote_port}:{LOOPBACK}:{local_port}"
+        ssh = self.ssh.argv("-v", "-N", "-T", "-oExitOnForwardFailure=yes", "-oClearAllForwardings=no", "-R", forward)
+        return [SETPRIV, "--pdeathsig", "KILL", "--", *ssh] if shutil.which(SETPRIV) else ssh
+
+    def start(self) -> ReverseSshTunnel:
+        self.close()
+        self.process = proc.spawn(
+            self.argv(self.local_port), timeout=None, what="the lazy-pages SSH tunnel", error=CopyFailed
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while REMOTE_FORWARD_OK not in self.process.stderr_tail(200):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                failure = CantConnect(f"SSH tunnel from {self.ssh.target} back to this host failed: {self._error()}")
+                self.close()
+                raise failure
+            time.sleep(0.02)
+        return self

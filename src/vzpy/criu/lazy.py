@@ -1,0 +1,96 @@
+"""`criu lazy-pages`: the post-copy daemon on the restoring host. It hands the restored tasks' missing
+pages to them on their first touch (userfaultfd), fetched from the dumping host's page server, and pushes
+the rest in the background; it exits once every page arrived. The RPC has no request for it: it runs as a
+command, ready once it said so on --status-fd. A restore finds it through "lazy-pages.socket" in its
+work dir, so both must be given the same one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from vzpy import proc
+from vzpy.criu.binary import CriuBinary
+from vzpy.errors import ChkpntError, RestoreError
+
+READY_TIMEOUT = 30.0
+LOG_FILE = "lazy-pages.log"
+NFT_TIMEOUT = 30.0  # nft waits for the nftables lock: never forever
+
+
+def start_lazy_pages(
+    binary: CriuBinary, images: Path, work_dir: Path, page_server: tuple[str, int], *, timeout: float | None
+) -> proc.Child:
+    """Start the daemon fetching pages from `page_server` (address, port); returns once it is ready.
+    `timeout`: how long it may live at most (None: until the pages are all there)."""
+    address, port = page_server
+    ready_r, ready_w = os.pipe()
+    argv: list[str | Path] = [
+        binary.path,
+        "lazy-pages",
+        "--page-server",
+        "--address",
+        address,
+        "--port",
+        str(port),
+        "-D",
+        images,
+        "-W",
+        work_dir,
+        "-o",
+        LOG_FILE,
+        "-v4",
+        "--status-fd",
+        str(ready_w),
+    ]
+    try:
+        child = proc.spawn(argv, timeout=timeout, what="criu lazy-pages", error=RestoreError, pass_fds=(ready_w,))
+        os.close(ready_w)
+        ready_w = -1
+        _wait_ready(child, ready_r, work_dir / LOG_FILE)
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+    return child
+
+
+def _wait_ready(child: proc.Child, ready: int, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([ready], [], [], 0.2)
+        if readable and os.read(ready, 1):
+            return
+        if readable or child.poll() is not None:  # EOF: it exited without saying it is ready
+            break
+    child.close(grace=1)
+    raise RestoreError(f"criu lazy-pages did not become ready (see {log})", detail=child.stderr_tail())
+
+
+def guard_ruleset(table: str, port: int) -> str:
+    """nftables: drop what comes to TCP `port` on any interface but lo (IPv4 and IPv6)."""
+    return (
+        f"table inet {table} {{\n"
+        f"    chain input {{ type filter hook input priority -300; policy accept; "
+        f'iif != "lo" tcp dport {port} drop; }}\n'
+        f"}}\n"
+    )
+
+
+@contextlib.contextmanager
+def loopback_only(port: int) -> Iterator[None]:
+    """While a lazy dump serves pages on `port`, only this host reaches it. Over RPC, CRIU 4.2.1 takes only
+    the port of a lazy dump's page server and listens on every address (cr-service.c ignores ps.address
+    when lazy_pages is set): without this, the first peer on the network to connect would get the CT's
+    memory. The destination's daemon comes in over the SSH tunnel, through lo."""
+    table = f"vzpy_lazy_{port}"
+    proc.run(["nft", "-f", "-"], input=guard_ruleset(table, port), error=ChkpntError, what="nft", timeout=NFT_TIMEOUT)
+    try:
+        yield
+    finally:
+        proc.run(["nft", "delete", "table", "inet", table], check=False, what="nft", timeout=NFT_TIMEOUT)

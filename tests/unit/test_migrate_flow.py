@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -64,6 +64,7 @@ class World:
     lazy_release: threading.Event = field(default_factory=threading.Event)  # the lazy dump may end
     stats: dict[str, int] = field(default_factory=dict)  # what the last (fake) CRIU dump counted
     lazy_never_ready: bool = False  # the lazy dump never says its images are written
+    remaps: list[str] = field(default_factory=list)  # link-remap files the dump put in the CT's tree
 
     def predumps(self) -> int:
         return self.names("src").count("pre-dump")
@@ -274,7 +275,17 @@ def world(gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
     monkeypatch.setattr(flow, "listening", lambda address, port: True)
     monkeypatch.setattr(flow.LazyDump, "stop", lambda self: (w.did("src", "lazy stop"), w.lazy_release.set()))
     pagemap_pages = lambda images: (w.frozen_pages, w.lazy_pages)  # noqa: E731
-    monkeypatch.setattr(flow, "criu_images", SimpleNamespace(dump_stats=dump_stats, pagemap_pages=pagemap_pages))
+    linked_remaps = lambda images: list(w.remaps)  # noqa: E731
+    monkeypatch.setattr(
+        flow,
+        "criu_images",
+        SimpleNamespace(dump_stats=dump_stats, pagemap_pages=pagemap_pages, linked_remaps=linked_remaps),
+    )
+
+    def remaps(what: str) -> Callable[[Container, list[str]], None]:
+        return lambda ct, names: w.did("src", f"{what} {' '.join(names)}") if names else None
+
+    monkeypatch.setattr(flow, "linkremap", SimpleNamespace(reinstate=remaps("reinstate"), remove=remaps("remove")))
     monkeypatch.setattr(flow, "source_migration_facts", lambda ct: w.source_facts)
     monkeypatch.setattr(flow, "check", lambda *a, **kw: [])
     monkeypatch.setattr(flow, "disk_usage", lambda path: 0)
@@ -670,6 +681,30 @@ def test_post_copy_rolls_back_at_each_step_before_the_lazy_restore_request(
     assert world.names("src").count("wake") <= 1 and not marker.path(gconf, CTID).exists()
     if step in ("final-sync", "copy-images", "lazy-restore"):
         assert world.lazy_release.is_set()  # the lazy dump was told to stop before the CT woke here
+
+
+def test_post_copy_the_link_remap_files_crius_lazy_dump_deleted_go_with_the_final_sync(
+    gconf: GlobalConfig, world: World
+) -> None:
+    postcopy_world(world)
+    world.remaps = ["/tmp/link_remap.19"]
+    run(make_ct(gconf), path="post-copy")
+    src = world.names("src")
+    assert src[src.index("lazy dump") + 1 : src.index("lazy dump") + 3] == ["reinstate /tmp/link_remap.19", "sync"]
+    assert "remove /tmp/link_remap.19" not in src  # the source copy goes as a whole
+
+
+def test_post_copy_rolled_back_after_the_dump_takes_the_link_remap_files_out_of_the_tree(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct = make_ct(gconf)
+    postcopy_world(world)
+    world.remaps = ["/tmp/link_remap.19"]
+    monkeypatch.setenv(fault.ENV, "source:fail:copy-images")
+    with pytest.raises(fault.InjectedFault):
+        run(ct, path="post-copy")
+    src = world.names("src")
+    assert src.index("lazy stop") < src.index("remove /tmp/link_remap.19") < src.index("wake")
 
 
 def test_post_copy_a_lazy_dump_that_never_gets_ready_is_stopped_before_the_ct_wakes_here(

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vzpy import checkpoint, lifecycle
+from vzpy import checkpoint, lifecycle, linkremap
 from vzpy.container import Container
 from vzpy.criu import detect_capabilities, require_criu
 from vzpy.criu import images as criu_images
@@ -258,6 +258,7 @@ class Migration:
         self.predump_subdir: str | None = None  # the pre-dump under way (its page server there)
         self.lazy: LazyDump | None = None
         self.lazy_ports: tuple[int, int] | None = None  # post-copy: (here, there)
+        self.lazy_remaps: list[str] = []  # post-copy: the link-remap files the lazy dump put back in the tree
         self._last_progress = 0.0
 
     @property
@@ -684,6 +685,10 @@ class Migration:
                 raise CheckpointFailed(f"the lazy dump of CT {self.ct.ctid} ended before serving its pages")
             self._frozen_left("the dump")  # FrozenTooLong when none is left
             time.sleep(0.02)
+        # CRIU deleted its link-remap files before it began serving pages (dump_images puts them back only when
+        # the dump returns, after the restore there): back now, for the final sync to take them along
+        self.lazy_remaps = criu_images.linked_remaps(images)
+        linkremap.reinstate(self.ct, self.lazy_remaps)
         self.summary.pages_while_frozen, self.summary.pages_lazy = criu_images.pagemap_pages(images)
 
     def _stop_lazy_dump(self) -> None:
@@ -695,6 +700,8 @@ class Migration:
         lazy.stop()
         if not lazy.finished.wait(LAZY_STOP_WAIT):
             self.progress(f"warning: the lazy dump of CT {self.ct.ctid} did not stop within {LAZY_STOP_WAIT:g}s")
+        linkremap.remove(self.ct, self.lazy_remaps)  # the CT runs on here: they must not stay in its tree
+        self.lazy_remaps = []
 
     def _lazy_restore_remote(self) -> None:
         """The point of no return of post-copy: the destination restores the CT with its pages coming from

@@ -27,6 +27,7 @@ FIDELITY_PORT = 7000  # and 7001: its echo port
 DIRTIER_PORT = 7100
 # TCG is 10-50x slower than a real host: the frozen part takes seconds, not the default budget
 MIGRATE_OPTIONS = ("--online", "--json", "--max-frozen", "600")
+PATHS = {"--precopy": "pre-copy", "--postcopy": "post-copy", "--stop-and-copy": "stop-and-copy"}
 
 
 class DemoFailed(Exception):
@@ -86,7 +87,7 @@ def check_all(lab: Lab, ip: str, fidelity: FidelityClient, echo: EchoStream, whe
 def migrate(source: LabVM, dest: LabVM, path: str) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads(vzpy(source, "migrate", *MIGRATE_OPTIONS, path, dest.address, CTID))
     print("lab-json: " + json.dumps(summary, separators=(",", ":"), sort_keys=True), flush=True)
-    if summary.get("path") != path.removeprefix("--"):
+    if summary.get("path") != PATHS[path]:
         raise DemoFailed(f"asked for {path}, the migration took {summary.get('path')}")
     return summary
 

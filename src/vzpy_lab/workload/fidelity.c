@@ -662,6 +662,9 @@ static void setup_stopped(void)
 	}
 	if (g.stopped == 0) {
 		prctl(PR_SET_NAME, "fid-stopped");
+		/* CRIU's pre-dump skips stopped tasks: a copy of the 64 MiB here would all move while frozen */
+		if (g.anon)
+			munmap(g.anon, ANON_SIZE);
 		for (;;)
 			raise(SIGSTOP); /* a SIGCONT would only stop it again: it stays stopped */
 	}

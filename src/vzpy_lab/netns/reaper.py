@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,13 +256,18 @@ def reap_stale(state_root: Path = STATE_ROOT) -> list[str]:
     per reaped network, plus any cleanup failures.
     """
     messages = []
+    for state_dir, owner in orphaned(state_root):
+        errors = _reap_network(state_dir, owner)
+        messages.append(f"reaped stale test network {state_dir.name}" + "".join(f"\n  {e}" for e in errors))
+    return messages
+
+
+def orphaned(state_root: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(state dir, its owner.json) of every network or lab under state_root whose owning process is gone."""
     for owner_file in sorted(state_root.glob("*/owner.json")):
         try:
             owner = json.loads(owner_file.read_text())
         except (OSError, ValueError):
             continue
-        if start_time(owner["pid"]) == owner["start"]:
-            continue
-        errors = _reap_network(owner_file.parent, owner)
-        messages.append(f"reaped stale test network {owner_file.parent.name}" + "".join(f"\n  {e}" for e in errors))
-    return messages
+        if start_time(owner["pid"]) != owner["start"]:
+            yield owner_file.parent, owner

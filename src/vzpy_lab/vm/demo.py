@@ -11,16 +11,21 @@ fidelity item, every page of the dirtier and the connection are checked. Each mi
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from vzpy_lab.vm.lab import Lab, LabVM
 from vzpy_lab.workload.build import build_dirtier, build_fidelity
-from vzpy_lab.workload.client import EchoStream, FidelityClient, failures
+from vzpy_lab.workload.client import (
+    DirtierError,
+    EchoStream,
+    FidelityClient,
+    dirtier_generation,
+    failures,
+    wait_for_dirtier,
+)
 
 CTID = "101"
 FIDELITY_PORT = 7000  # and 7001: its echo port
@@ -44,39 +49,12 @@ def vzpy(vm: LabVM, *args: str, timeout: float = 900) -> str:
     return result.stdout
 
 
-def dirtier_generation(lab: Lab, ip: str) -> int:
-    """Every page of the dirtier's memory holds what it must; its rewrite generation."""
-    with lab.client_connect(ip, DIRTIER_PORT, 60) as sock:
-        sock.settimeout(60)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
-            if not chunk:
-                break
-            reply += chunk
-    words = reply.decode(errors="replace").split()
-    if words[:1] != ["OK"]:
-        raise DemoFailed(f"the dirtier's memory is not intact: {reply!r}")
-    return int(words[1])
-
-
-def wait_for_dirtier(lab: Lab, ip: str) -> int:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return dirtier_generation(lab, ip)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
 def check_all(lab: Lab, ip: str, fidelity: FidelityClient, echo: EchoStream, where: str) -> None:
     failed = failures(fidelity.verify())
     if failed:
         raise DemoFailed(f"fidelity items broken {where}: {failed}")
     echo.exchange(64 * 1024)
-    generation = dirtier_generation(lab, ip)
+    generation = dirtier_generation(ip, DIRTIER_PORT, lab.connector())
     print(
         f"client: {where}: every fidelity item ok, 64 KiB echoed on the same connection, "
         f"the dirtier's pages intact (generation {generation})\n",
@@ -118,13 +96,10 @@ def run(lab: Lab, workdir: Path) -> None:
     print(f"lab: vm1 = {vm1.address}, vm2 = {vm2.address}, the client at {lab.client_address}; CT {ip}\n")
     vzpy(vm1, "check", "--to", vm2.address)
     set_up_ct(lab, vm1, ip, workdir)
-
-    def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-        return lab.client_connect(address[0], address[1], timeout)
-
+    connect = lab.connector()
     fidelity = FidelityClient(ip, FIDELITY_PORT, timeout=120, connect=connect)
     fidelity.wait_ready(timeout=120)
-    wait_for_dirtier(lab, ip)
+    wait_for_dirtier(ip, DIRTIER_PORT, lab.connector())
     with EchoStream(ip, FIDELITY_PORT + 1, timeout=120, connect=connect) as echo:
         check_all(lab, ip, fidelity, echo, "before")
         there = migrate(vm1, vm2, "--precopy")
@@ -143,7 +118,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vzpy-lab-demo-") as workdir, Lab(n=2, log=print) as lab:
         try:
             run(lab, Path(workdir))
-        except DemoFailed as e:
+        except (DemoFailed, DirtierError) as e:
             print(f"lab-demo: {e}", file=sys.stderr)
             return 1
         finally:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vzpy_lab.netns.layout import netns_path
-from vzpy_lab.netns.reaper import Residents, kill_residents, reap
+from vzpy_lab.netns.reaper import Residents, kill_residents, orphaned, reap
 from vzpy_lab.netns.system import (
     Step,
     add_netns,
@@ -65,6 +65,7 @@ from vzpy_lab.vm.layout import (
     vm_mac,
 )
 from vzpy_lab.vm.recipe import CHECKOUT
+from vzpy_lab.workload.client import Connector
 
 PR_SET_PDEATHSIG = 1
 CTID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -403,6 +404,10 @@ class Lab:
         """A TCP socket from the lab netns to address:port (a VM or a CT in one), connected."""
         return connect_from(netns_path(self.netns), address, port, timeout)
 
+    def connector(self) -> Connector:
+        """client_connect as vzpy_lab.workload.client's clients take it."""
+        return lambda address, timeout: self.client_connect(address[0], address[1], timeout)
+
     def ssh_client_argv(self) -> list[str]:
         """`ssh OPTIONS` with the lab key and strict host keys, multiplexed per lab (add the target)."""
         options = {
@@ -462,16 +467,10 @@ def lab_teardown(state_dir: Path, netns: str, residents: Residents) -> list[Step
 def reap_stale_labs(state_root: Path = STATE_ROOT, keep_logs: float = 86400.0) -> list[str]:
     """Tear down labs whose owning process is gone, and remove finished labs' logs after `keep_logs` s."""
     messages = []
-    for owner_file in sorted(state_root.glob("*/owner.json")):
-        try:
-            owner = json.loads(owner_file.read_text())
-        except (OSError, ValueError):
-            continue
-        if start_time(owner["pid"]) == owner["start"]:
-            continue
+    for state_dir, owner in orphaned(state_root):
         residents = Residents.of([("net", ns_id(netns_path(owner["netns"])))])
-        errors = run_steps(lab_teardown(owner_file.parent, owner["netns"], residents))
-        messages.append(f"reaped stale lab {owner_file.parent.name}" + "".join(f"\n  {e}" for e in errors))
+        errors = run_steps(lab_teardown(state_dir, owner["netns"], residents))
+        messages.append(f"reaped stale lab {state_dir.name}" + "".join(f"\n  {e}" for e in errors))
     for done_file in state_root.glob("*/done.json"):
         if time.time() - done_file.stat().st_mtime > keep_logs:
             remove_tree(done_file.parent)

@@ -166,3 +166,35 @@ class EchoStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DirtierError(FidelityError):
+    """The dirtier's memory is not what it must be, or it did not answer."""
+
+
+def dirtier_generation(host: str, port: int, connect: Connector = default_connect, timeout: float = 60.0) -> int:
+    """Every page of the dirtier's memory (dirtier.c) holds what it must: its rewrite generation."""
+    with connect((host, port), timeout) as sock:
+        sock.settimeout(timeout)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+    words = reply.decode(errors="replace").split()
+    if words[:1] != ["OK"] or len(words) < 2:
+        raise DirtierError(f"the dirtier's memory is not intact: {reply!r}")
+    return int(words[1])
+
+
+def wait_for_dirtier(host: str, port: int, connect: Connector = default_connect, timeout: float = 120.0) -> int:
+    """dirtier_generation once the dirtier listens (a service starts after `vzpy start` returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return dirtier_generation(host, port, connect)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

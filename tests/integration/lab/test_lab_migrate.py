@@ -14,7 +14,7 @@ import pytest
 
 from vzpy_lab.vm.lab import Lab, LabVM
 from vzpy_lab.workload.build import build_dirtier
-from vzpy_lab.workload.client import EchoStream
+from vzpy_lab.workload.client import EchoStream, dirtier_generation
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 CTID = "131"
@@ -36,16 +36,7 @@ def status(vm: LabVM) -> str:
 
 def memory_intact(lab: Lab, ip: str) -> int:
     """Every page of the workload's memory holds what it must; its rewrite generation."""
-    with lab.client_connect(ip, DIRTIER_PORT, 60) as sock:
-        sock.settimeout(60)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
-            assert chunk, f"the workload closed without a reply ({reply!r})"
-            reply += chunk
-    words = reply.decode().split()
-    assert words[0] == "OK", reply
-    return int(words[1])
+    return dirtier_generation(ip, DIRTIER_PORT, lab.connector())
 
 
 def connect(lab: Lab, vm: LabVM, ip: str) -> EchoStream:
@@ -53,7 +44,7 @@ def connect(lab: Lab, vm: LabVM, ip: str) -> EchoStream:
     last: OSError | None = None
     for _ in range(60):
         try:
-            return EchoStream(ip, ECHO_PORT, timeout=120, connect=lambda a, t: lab.client_connect(a[0], a[1], t))
+            return EchoStream(ip, ECHO_PORT, timeout=120, connect=lab.connector())
         except OSError as e:
             last = e
             vm.run(["sleep", "1"])

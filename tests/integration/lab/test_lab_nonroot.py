@@ -7,16 +7,21 @@ chkpnt/restore and an online migration, every fidelity item checked, and the dae
 
 from __future__ import annotations
 
-import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from vzpy_lab.vm.lab import Lab, LabVM
 from vzpy_lab.workload.build import build_dirtier, build_fidelity
-from vzpy_lab.workload.client import ITEMS, EchoStream, FidelityClient, failures
+from vzpy_lab.workload.client import (
+    ITEMS,
+    EchoStream,
+    FidelityClient,
+    dirtier_generation,
+    failures,
+    wait_for_dirtier,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 CTID = "141"
@@ -25,15 +30,7 @@ DIRTIER_PORT = 7100
 NOBODY = 65534
 
 
-Connector = Callable[[tuple[str, int], float], socket.socket]
 NonrootCt = tuple[str, FidelityClient, EchoStream]
-
-
-def ct_connector(lab: Lab) -> Connector:
-    def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-        return lab.client_connect(address[0], address[1], timeout)
-
-    return connect
 
 
 def uids_of(vm: LabVM, comm: str) -> set[int]:
@@ -44,25 +41,7 @@ def uids_of(vm: LabVM, comm: str) -> set[int]:
 
 
 def dirtier_ok(lab: Lab, ip: str) -> None:
-    with lab.client_connect(ip, DIRTIER_PORT, 60) as sock:
-        sock.settimeout(60)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
-            assert chunk, f"the dirtier closed without a reply ({reply!r})"
-            reply += chunk
-    assert reply.startswith(b"OK "), reply
-
-
-def wait_for_dirtier(lab: Lab, ip: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            return dirtier_ok(lab, ip)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    dirtier_generation(ip, DIRTIER_PORT, lab.connector())
 
 
 def assert_all_ok(client: FidelityClient) -> None:
@@ -86,10 +65,10 @@ def nonroot_ct(lab: Lab, vm1: LabVM, vm2: LabVM, tmp_path_factory: pytest.TempPa
         vm1.run(["vzpy", "start", CTID], check=True)
         daemon = f"su -s /bin/sh -c 'exec /usr/bin/dirtier {DIRTIER_PORT}' nobody"
         vm1.run(["vzpy", "exec", CTID, "sh", "-c", f"{daemon} </dev/null >/dev/null 2>&1 &"], check=True)
-        client = FidelityClient(ip, PORT, timeout=120, connect=ct_connector(lab))
+        client = FidelityClient(ip, PORT, timeout=120, connect=lab.connector())
         client.wait_ready(timeout=120)
-        wait_for_dirtier(lab, ip)
-        with EchoStream(ip, PORT + 1, timeout=120, connect=ct_connector(lab)) as echo:
+        wait_for_dirtier(ip, DIRTIER_PORT, lab.connector())
+        with EchoStream(ip, PORT + 1, timeout=120, connect=lab.connector()) as echo:
             echo.exchange(16 * 1024)
             yield ip, client, echo
     finally:

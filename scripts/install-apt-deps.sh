@@ -6,6 +6,7 @@ packages=(
   busybox-static debootstrap patchelf zstd tar xz-utils ca-certificates
   debian-archive-keyring python3-venv tmux gcc libc6-dev
   qemu-system-x86 qemu-utils e2fsprogs  # the VM lab (make lab-image; tests/integration/lab)
+  systemd  # systemd-analyze: the tests check packaging/vzpy.service with it
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -86,3 +86,55 @@ def test_only_lo_reaches_the_page_server_while_it_serves(namespaces: tuple[str, 
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+def test_a_guard_left_by_a_killed_vzpy_is_removed_by_the_next(namespaces: tuple[str, str]) -> None:
+    server_ns, peer_ns = namespaces
+    killed = subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{server_ns}", "--", sys.executable, "-c", SERVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert killed.stdout is not None
+    assert killed.stdout.readline() == "guarded\n"
+    killed.kill()  # SIGKILL: its finally never runs
+    killed.wait(timeout=10)
+    assert f"vzpy_lazy_{PORT}_" in tables(server_ns), "the killed guard's table should still be there"
+    listener = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{server_ns}",
+            "--",
+            sys.executable,
+            "-c",
+            f"import socket, sys; s = socket.create_server(('0.0.0.0', {PORT})); print('up', flush=True); "
+            "sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert listener.stdout is not None
+    try:
+        assert listener.stdout.readline() == "up\n"
+        assert not reaches(peer_ns, SERVER_IP), "the stale guard should still drop the port"
+        next_guard = subprocess.run(
+            [
+                "nsenter",
+                f"--net=/run/netns/{server_ns}",
+                "--",
+                sys.executable,
+                "-c",
+                "from vzpy.criu.lazy import loopback_only\nwith loopback_only(7301): pass",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert next_guard.returncode == 0, next_guard.stderr
+        assert "vzpy_lazy" not in tables(server_ns)
+        assert reaches(peer_ns, SERVER_IP), "the killed vzpy's guard outlived the next lazy dump"
+    finally:
+        listener.kill()
+        listener.wait(timeout=10)

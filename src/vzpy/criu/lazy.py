@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import time
 from collections.abc import Iterator
@@ -21,6 +22,9 @@ from vzpy.errors import ChkpntError, RestoreError
 READY_TIMEOUT = 30.0
 LOG_FILE = "lazy-pages.log"
 NFT_TIMEOUT = 30.0  # nft waits for the nftables lock: never forever
+GUARD_PREFIX = "vzpy_lazy_"
+# vzpy_lazy_PORT_PID; a bare vzpy_lazy_PORT is an older vzpy's, whose owner cannot be known
+_GUARD_NAME = re.compile(rf"{GUARD_PREFIX}(\d+)(?:_(\d+))?")
 
 
 def start_lazy_pages(
@@ -87,10 +91,43 @@ def loopback_only(port: int) -> Iterator[None]:
     """While a lazy dump serves pages on `port`, only this host reaches it. Over RPC, CRIU 4.2.1 takes only
     the port of a lazy dump's page server and listens on every address (cr-service.c ignores ps.address
     when lazy_pages is set): without this, the first peer on the network to connect would get the CT's
-    memory. The destination's daemon comes in over the SSH tunnel, through lo."""
-    table = f"vzpy_lazy_{port}"
+    memory. The destination's daemon comes in over the SSH tunnel, through lo.
+
+    The table is named after this process, so that a guard a killed vzpy left behind (dropping traffic to a
+    port nothing serves any more) is removed by the next one."""
+    remove_stale_guards()
+    table = f"{GUARD_PREFIX}{port}_{os.getpid()}"
     proc.run(["nft", "-f", "-"], input=guard_ruleset(table, port), error=ChkpntError, what="nft", timeout=NFT_TIMEOUT)
     try:
         yield
     finally:
-        proc.run(["nft", "delete", "table", "inet", table], check=False, what="nft", timeout=NFT_TIMEOUT)
+        _delete_table(table)
+
+
+def stale_guards(listing: str) -> list[str]:
+    """The guard tables in `nft list tables inet` output whose vzpy is gone."""
+    stale = []
+    for line in listing.splitlines():
+        words = line.split()
+        if len(words) != 3 or words[:2] != ["table", "inet"] or not (match := _GUARD_NAME.fullmatch(words[2])):
+            continue
+        owner = match.group(2)
+        if owner is None or not _alive(int(owner)):
+            stale.append(words[2])
+    return stale
+
+
+def remove_stale_guards() -> list[str]:
+    listed = proc.run(["nft", "list", "tables", "inet"], check=False, what="nft", timeout=NFT_TIMEOUT)
+    stale = stale_guards(listed.stdout) if listed.returncode == 0 else []
+    for table in stale:
+        _delete_table(table)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _delete_table(table: str) -> None:
+    proc.run(["nft", "delete", "table", "inet", table], check=False, what="nft", timeout=NFT_TIMEOUT)

@@ -499,15 +499,20 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
     started = time.monotonic()
     size = sum(m.size for m in manifest.members.values())
     with work_dir(ct, "restore", size=size) as work:
-        # extracting verifies every member: a truncated or corrupt file is refused here, before any change
-        dumpfile.extract(path, work)
-        if manifest.with_fs:
-            fsstate.restore_tree(work / FS_MEMBER, ct.private)
-            (work / FS_MEMBER).unlink()
-            progress(f"CT {ct.ctid}'s files put back from the dump file")
-        elif not skip_fs_check:
-            _check_fs(ct, manifest)
-        init_pid = restore_images(ct, work)
+        # Extracting verifies every member before anything changes, except the memory images: CRIU only copies
+        # those into the tasks it makes, so their sha256 runs alongside the restore, and the restored tasks stay
+        # frozen (never run an instruction of the CT's) until it says every byte is the dump's.
+        late = dumpfile.extract_checking_later(path, work, later=criu_images.is_memory_image)[1]
+        try:
+            if manifest.with_fs:
+                fsstate.restore_tree(work / FS_MEMBER, ct.private)
+                (work / FS_MEMBER).unlink()
+                progress(f"CT {ct.ctid}'s files put back from the dump file")
+            elif not skip_fs_check:
+                _check_fs(ct, manifest)
+            init_pid = restore_images(ct, work, verify=late.wait)
+        finally:
+            late.close()
     progress(f"CT {ct.ctid} restored from {path} in {time.monotonic() - started:.2f}s (frozen, network locked)")
     return init_pid
 
@@ -527,9 +532,17 @@ def restore_kill(ct: Container, progress: Progress) -> None:
     progress(f"CT {ct.ctid} killed; it is stopped and its dump file is kept")
 
 
-def restore_images(ct: Container, images: Path, *, timeout: float | None = None, lazy: bool = False) -> int:
+def restore_images(
+    ct: Container,
+    images: Path,
+    *,
+    timeout: float | None = None,
+    lazy: bool = False,
+    verify: Callable[[], None] | None = None,
+) -> int:
     """Restore the CT's processes from CRIU's images in `images`, frozen (undumped). Returns the init pid.
-    `lazy`: memory pages come later from a `criu lazy-pages` daemon working in log_dir(ct) (post-copy)."""
+    `lazy`: memory pages come later from a `criu lazy-pages` daemon working in log_dir(ct) (post-copy).
+    `verify`: called once the tasks are made and frozen, before anything else; if it raises, they are killed."""
     entry = stage.enter(ct, Action.UNDUMP)
     linkremap.reinstate(ct, entry.state.link_remaps)  # held by a restore that was killed
     # CRIU consumes its link-remap files even when the restore fails: hold them for a retry
@@ -551,6 +564,8 @@ def restore_images(ct: Container, images: Path, *, timeout: float | None = None,
         options = _restore_options(ct, images)
         options.lazy_pages = lazy
         init_pid = _criu(ct, timeout).restore(options, notify=on_notify)
+        if verify is not None:
+            verify()
         network.configure_host_side(ct.veth, ct.ips)
         entry.commit(
             init_pid=init_pid,

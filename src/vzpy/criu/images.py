@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -11,6 +12,12 @@ from vzpy.errors import ChkpntError
 
 REMAPS = "remap-fpath.img"
 FILE_IMAGES = ("files.img", "reg-files.img")  # CRIU >= 3.x keeps every file in files.img; older: reg-files.img
+_MEMORY_IMAGE = re.compile(r"pages-\d+\.img")
+
+
+def is_memory_image(name: str) -> bool:
+    """CRIU's raw memory pages (pages-N.img): a restore copies them into the tasks' memory and parses nothing."""
+    return _MEMORY_IMAGE.fullmatch(name) is not None
 
 
 def _images_module() -> ModuleType:

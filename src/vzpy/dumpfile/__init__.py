@@ -10,7 +10,7 @@ hashing, worker threads), display (what `dumpinfo` prints).
 
 from vzpy.dumpfile.display import describe
 from vzpy.dumpfile.format import FORMAT_VERSION, HEADER, MANIFEST_OFFSET, TRAILER, TRAILER_MAGIC, Manifest, Member
-from vzpy.dumpfile.reader import extract, read_manifest, verify
+from vzpy.dumpfile.reader import LateCheck, extract, extract_checking_later, read_manifest, verify
 from vzpy.dumpfile.writer import write_dumpfile
 from vzpy.units import human_size
 
@@ -20,10 +20,12 @@ __all__ = [
     "MANIFEST_OFFSET",
     "TRAILER",
     "TRAILER_MAGIC",
+    "LateCheck",
     "Manifest",
     "Member",
     "describe",
     "extract",
+    "extract_checking_later",
     "human_size",
     "read_manifest",
     "verify",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,14 +64,33 @@ def verify(path: Path) -> Manifest:
 
 def extract(path: Path, dest_dir: Path, *, only: Iterable[str] | None = None) -> Manifest:
     """Verify and extract members into dest_dir (made 0700; files 0600). On failure, nothing is left behind."""
+    manifest, late = extract_checking_later(path, dest_dir, lambda _name: False, only=only)
+    late.wait()
+    return manifest
+
+
+def extract_checking_later(
+    path: Path, dest_dir: Path, later: Callable[[str], bool], *, only: Iterable[str] | None = None
+) -> tuple[Manifest, LateCheck]:
+    """extract(), except that the sha256 of the members `later` names is still being computed when it returns:
+    the caller may use those files at once, and must call wait() on the LateCheck (which raises RestoreError
+    on a bad member) before it trusts what it made of them. Every other member is checked before it returns.
+    On failure, nothing is left behind (the caller removes dest_dir's files if wait() fails)."""
     path, dest_dir = Path(path), Path(dest_dir)
     with _open_dump(path) as (fd, manifest):
         names = _select(path, manifest, only)
+        deferred = [n for n in names if later(n) and manifest.members[n].codec == "none"]
+        now = [n for n in names if n not in deferred]
         made_dir = _make_dest(dest_dir)
         created: list[Path] = []
+        late = LateCheck(path, os.dup(fd))
         try:
-            _extract_members(path, fd, manifest, names, dest_dir, created)
+            _extract_members(path, fd, manifest, now, dest_dir, created)
+            for name in deferred:
+                late.add(name, manifest.members[name])
+                _copy_plain_member(path, fd, name, manifest.members[name], dest_dir / name, created)
         except BaseException as e:
+            late.close()
             for file in created:
                 file.unlink(missing_ok=True)
             if made_dir:
@@ -79,7 +98,40 @@ def extract(path: Path, dest_dir: Path, *, only: Iterable[str] | None = None) ->
             if isinstance(e, OSError):
                 raise RestoreError(f"cannot extract {path} into {dest_dir}: {kio.os_text(e)}") from e
             raise
-    return manifest
+    return manifest, late
+
+
+class LateCheck:
+    """The sha256 of extracted members, computed in a thread from the dump file's own bytes."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self._path, self._fd = path, fd
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256-late")
+        self._pending: list[tuple[str, Member, Future[str]]] = []
+        self._closed = False
+
+    def add(self, name: str, member: Member) -> None:
+        if member.codec != "none":  # a compressed member is checked while it is decompressed, never later
+            raise ValueError(f"{name} is compressed: it cannot be checked later")
+        self._pending.append((name, member, self._pool.submit(kio.hash_region, self._fd, member.offset, member.size)))
+
+    def wait(self) -> None:
+        """Block until every digest is in; RestoreError naming the first member whose bytes are not the dump's."""
+        try:
+            for name, member, digest in self._pending:
+                _check_member(self._path, name, member, member.size, digest.result())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop: digests not started are dropped, a running one is waited for (it reads through our fd)."""
+        if self._closed:
+            return
+        self._closed = True
+        for _, _, digest in self._pending:
+            digest.cancel()
+        self._pool.shutdown(wait=True)
+        os.close(self._fd)
 
 
 def _select(path: Path, manifest: Manifest, only: Iterable[str] | None) -> list[str]:
@@ -133,6 +185,15 @@ def _extract_members(
         finally:
             for _, _, digest in pending:
                 digest.cancel()
+
+
+def _copy_plain_member(path: Path, fd: int, name: str, member: Member, target: Path, created: list[Path]) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    created.append(target)
+    try:
+        _check_member(path, name, member, kio.copy_range(fd, out, member.offset, 0, member.size), None)
+    finally:
+        os.close(out)
 
 
 def _member_digest(path: Path, fd: int, item: tuple[str, Member], out: int | None) -> tuple[int, str]:

@@ -1,0 +1,66 @@
+"""`vzpy restore` checks the memory images' sha256 while CRIU restores them: a corrupt one is refused and the
+restored tasks never run (vzpy.checkpoint.undump, vzpy.dumpfile.extract_checking_later)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import VzRoot
+from vzpy import dumpfile
+from vzpy.criu.images import is_memory_image
+
+pytestmark = pytest.mark.root
+CTID = "147"
+TICKS = "var/log/ticks"
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _wait_for_ticks(ticks: Path, more_than: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if ticks.exists() and ticks.stat().st_size > more_than:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{ticks} did not grow past {more_than} bytes")
+
+
+def test_a_corrupt_memory_image_is_refused_and_the_ct_never_runs(vzroot: VzRoot) -> None:
+    vz = vzroot
+    vz.run("create", CTID, "--ostemplate", "minimal", "--ipadd", vz.new_ip(), check=True)
+    vz.add_service(CTID, "ticker", f"while true; do echo tick >> /{TICKS}; sleep 0.02; done")
+    vz.run("start", CTID, check=True)
+    ticks = vz.private(CTID) / TICKS
+    _wait_for_ticks(ticks, 0)
+    vz.run("chkpnt", CTID, check=True)
+    dump = vz.base / "dump" / f"Dump.{CTID}"
+    members = dumpfile.read_manifest(dump).members
+    name, member = max(((n, m) for n, m in members.items() if is_memory_image(n)), key=lambda item: item[1].size)
+    _flip(dump, member.offset + member.size // 2)
+    before = ticks.read_bytes()
+
+    refused = vz.run("restore", CTID)
+
+    assert refused.returncode == 17, refused.stderr
+    assert f"sha256 mismatch in {name}" in refused.stderr and "\n" not in refused.stderr.strip()
+    time.sleep(0.3)  # a ticker that had been let run would have written by now (not a timed assert)
+    assert ticks.read_bytes() == before, "the restored tasks ran before their memory was checked"
+    assert json.loads(vz.run("status", "--json", CTID).stdout)["status"] == "stopped"
+    assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{CTID}").exists()
+    assert not any(Path("/dev/shm").glob(f".vzpy-restore-*-{CTID}-*")), "the scratch images were left behind"
+
+    _flip(dump, member.offset + member.size // 2)  # repaired: the same dump restores and runs on
+    vz.run("restore", CTID, check=True)
+    _wait_for_ticks(ticks, len(before))
+    assert os.path.getsize(ticks) > len(before)

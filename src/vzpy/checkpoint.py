@@ -28,7 +28,7 @@ from vzpy.criu import images as criu_images
 from vzpy.errors import BadConfig, ChkpntError, InvalidSyntax, NetworkError, RestoreError, VzError
 from vzpy.host import cpu
 from vzpy.runtime import network, tcpkick
-from vzpy.runtime.cgroups import CONTROLLERS
+from vzpy.runtime.cgroups import CONTROLLERS, ct_hierarchies
 from vzpy.scratch import private_dir, work_dir
 from vzpy.stage import Action, Progress, Stage
 from vzpy.units import human_size
@@ -454,6 +454,7 @@ def _dump_options(ct: Container, state: RunState, images: Path) -> CriuOptions:
         network_lock=NetworkLock.NFTABLES,
         freeze_cgroup=ct.cgroups.path("freezer"),
         manage_cgroups=CgroupMode.SOFT,
+        dump_cgroup_hierarchies=ct_hierarchies(),
     )
 
 

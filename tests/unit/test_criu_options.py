@@ -16,6 +16,7 @@ from vzpy.criu.options import (
     NetworkLock,
     build_request,
 )
+from vzpy.runtime.cgroups import ct_hierarchies
 
 try:
     from pycriu import rpc_pb2 as rpc
@@ -264,3 +265,21 @@ def test_version_request_is_bare() -> None:
     req = build_request(CriuAction.VERSION, CriuOptions())
     assert req.type == rpc.VERSION
     assert not req.HasField("opts")
+
+
+# --- which cgroup hierarchies a dump records
+
+
+def test_dumps_name_the_hierarchies_to_record_and_restores_never_do() -> None:
+    wanted = ["freezer", "cpu,cpuacct"]
+    for action in (CriuAction.DUMP, CriuAction.PRE_DUMP):
+        assert list(request(action, pid=42, dump_cgroup_hierarchies=wanted).opts.cgroup_dump_controller) == wanted
+    assert list(request(CriuAction.DUMP, pid=42).opts.cgroup_dump_controller) == []  # none given: CRIU dumps all
+    assert list(request(CriuAction.RESTORE, dump_cgroup_hierarchies=wanted).opts.cgroup_dump_controller) == []
+
+
+def test_ct_hierarchies_are_those_holding_a_ct_controller_as_proc_names_them() -> None:
+    v1 = "12:name=systemd:/\n11:blkio:/\n10:cpu,cpuacct:/user.slice\n9:freezer:/\n8:memory:/\n7:pids:/\n"
+    v1 += "6:devices:/\n5:cpuset:/\n4:net_cls,net_prio:/\n0::/\n"
+    assert ct_hierarchies(v1) == ["cpu,cpuacct", "freezer", "memory", "pids", "devices"]
+    assert ct_hierarchies("0::/user.slice/session-1.scope\n") == []  # cgroup v2 only: CRIU's default (all)

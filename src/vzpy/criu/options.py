@@ -98,6 +98,9 @@ class CriuOptions:
     manage_cgroups: CgroupMode | None = None
     # Restore into another cgroup than the dumped one: controller ("" for all) -> path.
     cgroup_roots: dict[str, str] = field(default_factory=dict)
+    # Dump only these cgroup hierarchies (as /proc/PID/cgroup names them: "cpu,cpuacct" when co-mounted);
+    # empty: all of them.
+    dump_cgroup_hierarchies: list[str] = field(default_factory=list)
     # Freezer cgroup of the tree (v1 freezer dir, or v2 dir with cgroup.freeze).
     freeze_cgroup: Path | None = None
     # How CRIU blocks the CT's network while it is dumped/restored.
@@ -233,6 +236,8 @@ def _set_tree(msg: Any, rpc: Any, action: CriuAction, opts: CriuOptions) -> None
         root = msg.cg_root.add(path=path)
         if controller:
             root.ctrl = controller
+    if action is not CriuAction.RESTORE:
+        msg.cgroup_dump_controller.extend(opts.dump_cgroup_hierarchies)
     # A pre-dump does not touch the network: it leaves the tree running.
     if action is not CriuAction.PRE_DUMP:
         if opts.tcp_established:

@@ -38,6 +38,20 @@ class CgroupError(VzError):
     exit_code = 3
 
 
+def ct_hierarchies(proc_cgroup: str | None = None) -> list[str]:
+    """The v1 hierarchies that hold a CT cgroup, named as /proc/PID/cgroup names them ("cpu,cpuacct" where
+    co-mounted), from this host's own /proc/self/cgroup. A CT sits in the root cgroup of every other
+    hierarchy: CRIU must not dump those, or it records the host's whole tree there and a restore recreates
+    every directory of it that is gone by then. Empty (dump all) where no v1 hierarchy has them (cgroup v2)."""
+    text = Path("/proc/self/cgroup").read_text() if proc_cgroup is None else proc_cgroup
+    names = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3 and set(parts[1].split(",")) & set(CONTROLLERS):
+            names.append(parts[1])
+    return names
+
+
 UNLIMITED = -1
 # the memory cgroup reports "no limit" as PAGE_COUNTER_MAX pages, a little under 2**63
 _UNLIMITED_READ = 1 << 62

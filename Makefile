@@ -2,7 +2,7 @@
 VENV ?= /opt/vzpy/venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test unit lint bench clean mutation lab-image lab-up lab-down lab-demo
+.PHONY: setup demo test unit lint bench bench-peers clean mutation lab-image lab-up lab-down lab-demo
 setup:
 	bash scripts/setup.sh
 
@@ -23,6 +23,10 @@ lint: setup
 
 bench: setup
 	$(PY) bench/chkpnt
+
+# What bench/chkpnt compares with (Podman 4.3 with runc, from Debian; configured per run by bench/peers.py).
+bench-peers: setup
+	bash scripts/install-bench-peers.sh
 
 # Mutation testing of one module against its unit tests (minutes, so not in `make test`):
 #   make mutation MODULE=criu/options.py

@@ -211,9 +211,10 @@ def persist(ct: Container, state: RunState, stage: Stage, *, pending: bool = Fal
         state.pending = ""
         state.pending_from = ""
     if stage is Stage.STOPPED and not pending:
-        ct.clear_state()
-        if state.dumpfile:
+        if state.dumpfile:  # replaced in one rename: never a moment without the record of the dump
             ct.save_state(_waiting(state.dumpfile))
+        else:
+            ct.clear_state()
     else:
         ct.save_state(state)
     return state

@@ -1,14 +1,18 @@
-"""The pure parts of CT networking: IP parsing and the host-side veth name."""
+"""The pure parts of CT networking: IP parsing, the host-side veth name, cleanup of a link that is gone."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from vzpy.errors import BadIp
-from vzpy.runtime.network import IFNAMSIZ, host_ifname, parse_ip
+from vzpy.runtime.network import IFNAMSIZ, del_host_route, host_ifname, link_exists, parse_ip
 
 # --- parse_ip
 
@@ -109,3 +113,42 @@ def test_long_prefix_still_fits() -> None:
 def test_prefix_leaving_no_room_for_the_hash_does_not_collide() -> None:
     prefix = "p" * 13
     assert host_ifname(prefix, "first-long-ct") != host_ifname(prefix, "second-long-ct")
+
+
+# --- cleanup of a link that is gone: no netlink library loaded
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+# run in a fresh interpreter (this one may have loaded pyroute2): cleanup of a veth that does not exist
+CLEANUP_OF_A_GONE_LINK = """
+import sys
+from vzpy.runtime import network
+network.del_host_route("192.0.2.7", "vzpygone0")
+network.del_host_route("2001:db8::7", "vzpygone0")
+network.delete_veth("vzpygone0")
+print("pyroute2" in sys.modules)
+"""
+
+
+def test_link_exists_sees_this_netns_interfaces() -> None:
+    assert link_exists("lo")
+    assert not link_exists("vzpygone0")
+
+
+def test_cleanup_after_the_link_went_loads_no_pyroute2() -> None:
+    """A killed CT's netns takes its veth, and the routes through it, along: nothing is left to delete, and
+    pyroute2's ~0.1 s import is not paid for it. (tests/integration/test_network_cleanup.py: a link that is
+    still there has its routes and itself removed.)"""
+    result = subprocess.run(
+        [sys.executable, "-c", CLEANUP_OF_A_GONE_LINK],
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False\n"
+
+
+def test_a_bad_address_is_refused_even_when_the_link_is_gone() -> None:
+    with pytest.raises(BadIp):
+        del_host_route("10.0.0.300", "vzpygone0")

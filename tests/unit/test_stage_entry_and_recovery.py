@@ -96,6 +96,22 @@ def test_committing_a_stop_removes_the_state_file(gconf: GlobalConfig) -> None:
     assert not ct.state_path.exists()
 
 
+def test_a_stop_that_keeps_a_dump_replaces_the_state_in_one_step(
+    gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of the dump that waits for `start` is renamed over the old state, never written after the
+    file was removed: a crash in between would forget the dump (and the removal cost a directory sync)."""
+    ct = ct_at(gconf, Stage.DUMPED, ALIVE_FROZEN, dumpfile="/vz/dump/Dump.101", init_pid=7, veth="veth101.0")
+    entry = stage.enter(ct, Action.KILL)
+    removed: list[bool] = []
+    monkeypatch.setattr(ct, "clear_state", lambda: removed.append(True))
+    entry.commit()
+    assert removed == []
+    saved = on_disk(ct)
+    assert (saved["stage"], saved["pending"], saved["dumpfile"]) == ("stopped", "", "/vz/dump/Dump.101")
+    assert (saved["init_pid"], saved["veth"]) == (0, "")  # only the dump is kept
+
+
 def test_a_pending_stop_is_kept_on_disk_until_it_is_done(gconf: GlobalConfig) -> None:
     ct = ct_at(gconf, Stage.RUNNING)
     state = ct.load_state()

@@ -160,6 +160,7 @@ def migrate(
 ) -> None:
     """Move CT CTID to HOST ([user@]host[:port]) over SSH."""
     # imported here: paramiko costs every other vzpy command 0.1 s at start-up
+    from vzpy.criu.binary import load_rpc_soon
     from vzpy.migrate import flow
     from vzpy.migrate.precopy import StopRule
     from vzpy.migrate.preflight import parse_nodeps
@@ -197,6 +198,8 @@ def migrate(
         if recover:
             progress(flow.recover(ct, options, progress))
             return
+        if online:
+            load_rpc_soon()  # the path's choice asks CRIU here once HOST answered: loaded while it connects
         summary = flow.Migration(ct, options, progress).run()
     if as_json:
         app.print_json(summary.as_dict())

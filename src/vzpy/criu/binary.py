@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from vzpy import fileio, proc
+from vzpy import background, fileio, proc
 from vzpy.errors import CommandFailed, CriuUnavailable
 
 DEFAULT_CRIU = Path("/opt/vzpy/criu/bin/criu")
@@ -177,6 +177,15 @@ def _remember_check(path: Path, kernel: str, version: CriuVersion) -> None:
 def require_criu(explicit: str | os.PathLike[str] | None = None) -> CriuBinary:
     """The criu binary to use, checked once per process: version policy, then `criu check`."""
     return _require(find_binary(explicit), kernel_release())
+
+
+RPC_MODULE = "pycriu.rpc_pb2"
+
+
+def load_rpc_soon() -> None:
+    """Start importing pycriu (~0.05 s: protobuf) in a thread, for a command that waits for something else
+    before its first CRIU call; load_rpc() then finds it loaded, or waits for the rest."""
+    background.import_soon(RPC_MODULE)
 
 
 @cache

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vzpy import background
 from vzpy.errors import BadIp, NetworkError
 
 if TYPE_CHECKING:
@@ -55,6 +56,24 @@ def _iproute(netns_of: int | None = None) -> IPRoute:
     from pyroute2 import IPRoute
 
     return IPRoute() if netns_of is None else IPRoute(netns=_netns_path(netns_of), flags=0)
+
+
+def load_soon() -> None:
+    """Start importing pyroute2 in a thread (vzpy.background), for a command that waits for something else
+    (CRIU) before it configures the network."""
+    background.import_soon("pyroute2")
+
+
+def link_exists(ifname: str) -> bool:
+    """Whether this process's netns has an interface `ifname`: one ioctl, without the ~0.1 s of pyroute2's
+    import (cleanup after a kill mostly finds the CT's veth gone already)."""
+    import socket  # here, as in _send_garp: status and list, which import this module, need no socket
+
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
 
 
 def _prefixlen(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
@@ -148,10 +167,16 @@ def add_host_route(host_if: str, ip: str, ipr: IPRoute | None = None) -> None:
 
 def del_host_route(ip: str, host_if: str | None = None) -> None:
     """Remove the /32 (/128) route add_host_route made. It is a link-scope route: a delete naming no scope
-    asks for a universe-scope one, which the kernel does not find, and the route would stay."""
+    asks for a universe-scope one, which the kernel does not find, and the route would stay.
+
+    A route through `host_if` goes with that link: when the link is gone already (a killed CT's netns took its
+    veth along) there is nothing to remove, and pyroute2 is not even loaded. While it exists (the netns is torn
+    down asynchronously) the route is deleted here."""
+    parsed = parse_ip(ip)
+    if host_if and not link_exists(host_if):
+        return
     from pyroute2.netlink.exceptions import NetlinkError
 
-    parsed = parse_ip(ip)
     with _iproute() as ipr:
         spec: dict[str, Any] = {"dst": f"{parsed}/{_prefixlen(parsed)}", "scope": 253}
         found = ipr.link_lookup(ifname=host_if) if host_if else []
@@ -166,6 +191,8 @@ def del_host_route(ip: str, host_if: str | None = None) -> None:
 
 def delete_veth(host_if: str) -> None:
     """Remove the host end (the CT end goes with it); absent is fine."""
+    if not link_exists(host_if):
+        return
     from pyroute2.netlink.exceptions import NetlinkError
 
     with _iproute() as ipr:

@@ -25,6 +25,7 @@ from vzpy.config import ConfFile, shown, validate_ctid
 from vzpy.container import Container, RunState, start_ticks
 from vzpy.criu import CgroupMode, Criu, CriuOptions, NetworkLock, require_criu
 from vzpy.criu import images as criu_images
+from vzpy.criu.binary import load_rpc_soon
 from vzpy.errors import BadConfig, ChkpntError, InvalidSyntax, NetworkError, RestoreError, VzError
 from vzpy.host import cpu
 from vzpy.runtime import network, tcpkick
@@ -88,6 +89,7 @@ def run_chkpnt(ct: Container, actions: Sequence[Action], target: DumpTarget, pro
     log_dir(ct)
     if Action.DUMP in actions:
         check_dump_target(target.path, ct)
+        load_rpc_soon()  # during the suspend's waits (nft, fsync) rather than with the CT frozen
     scratch.remove_leftovers(ct)
     snapshot = list(actions[-2:]) == [Action.DUMP, Action.RESUME]
     for action in actions:
@@ -111,6 +113,7 @@ def run_restore(
     if Action.UNDUMP in actions:
         assert path is not None, "an undump needs the dump file"
         check_dump_source(path, ct)
+        load_rpc_soon()  # while the dump file is extracted
     scratch.remove_leftovers(ct)
     for action in actions:
         if action is Action.UNDUMP:
@@ -269,24 +272,44 @@ def dump(ct: Container, target: DumpTarget, *, progress: Progress, then_resume: 
     entry = stage.enter(ct, Action.DUMP)
     started = time.monotonic()
     resumed = False
+    # Streamed, CRIU's memory images go straight into the dump file as CRIU writes them (dumpfile.stream).
+    # A snapshot stages them in RAM instead: its frozen time is CRIU's alone, never the disk's.
+    streamed = not (then_resume or target.compress)
     try:
         with work_dir(ct, "dump", size=memory_usage(ct)) as work:
             images = work / "images"
             images.mkdir(mode=0o700)
             processes = _processes(ct)
-            dump_images(ct, images, state=entry.state)
-            progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {target.path}")
-            extra = {}
-            if target.with_fs:
-                fsstate.archive_tree(ct.private, work / FS_MEMBER)
-                extra[FS_MEMBER] = work / FS_MEMBER
-            manifest = _manifest(ct, processes, target.with_fs)
-            if then_resume:
-                resume(ct, progress)
-                resumed = True
-            manifest = dumpfile.write_dumpfile(
-                target.path, images, manifest, extra_members=extra, compress=target.compress
-            )
+
+            def take_images() -> None:
+                dump_images(ct, images, state=entry.state)
+                progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {target.path}")
+
+            def describe() -> tuple[dumpfile.Manifest, dict[str, Path]]:
+                extra = {}
+                if target.with_fs:
+                    fsstate.archive_tree(ct.private, work / FS_MEMBER)
+                    extra[FS_MEMBER] = work / FS_MEMBER
+                return _manifest(ct, processes, target.with_fs), extra
+
+            if streamed:
+                manifest = dumpfile.writer.write_dumpfile_streamed(
+                    target.path,
+                    images,
+                    pages_images=dumpfile.stream.pages_images(ct.cgroups.pids()),
+                    take_images=take_images,
+                    describe=describe,
+                    spill_dir=work / "spill",
+                )
+            else:
+                take_images()
+                manifest, extra = describe()
+                if then_resume:
+                    resume(ct, progress)
+                    resumed = True
+                manifest = dumpfile.write_dumpfile(
+                    target.path, images, manifest, extra_members=extra, compress=target.compress
+                )
     except BaseException:
         if not resumed:
             _wake(ct, entry.state)
@@ -564,7 +587,9 @@ def restore_images(
 
         options = _restore_options(ct, images)
         options.lazy_pages = lazy
-        init_pid = _criu(ct, timeout).restore(options, notify=on_notify)
+        criu = _criu(ct, timeout)
+        network.load_soon()  # while CRIU restores: configure_host_side needs pyroute2 after it
+        init_pid = criu.restore(options, notify=on_notify)
         if verify is not None:
             verify()
         network.configure_host_side(ct.veth, ct.ips)

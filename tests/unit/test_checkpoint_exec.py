@@ -158,6 +158,11 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
         written.append(path)
         return manifest
 
+    def write_dumpfile_streamed(path: Path, images: Path, **kw: Any) -> Any:
+        kw["take_images"]()
+        manifest, _extra = kw["describe"]()
+        return write_dumpfile(path, images, manifest)
+
     monkeypatch.setattr(checkpoint, "netlock", net)
     monkeypatch.setattr(checkpoint, "_criu", lambda ct, timeout=None: criu)
     monkeypatch.setattr(checkpoint, "stopped_tasks", lambda ct: [])
@@ -167,6 +172,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[World]:
     monkeypatch.setattr(checkpoint, "_manifest", lambda ct, processes, with_fs: _Manifest())
     monkeypatch.setattr(checkpoint, "memory_usage", lambda ct: 1 << 20)
     monkeypatch.setattr(checkpoint.dumpfile, "write_dumpfile", write_dumpfile)
+    monkeypatch.setattr(checkpoint.dumpfile.writer, "write_dumpfile_streamed", write_dumpfile_streamed)
     monkeypatch.setattr(checkpoint.lifecycle, "cleanup_leftovers", lambda ct, state: events.append("kill"))
     monkeypatch.setattr(scratch, "RAM_DIR", tmp_path / "shm")
     (tmp_path / "shm").mkdir()

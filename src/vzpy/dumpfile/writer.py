@@ -9,10 +9,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vzpy import fileio
-from vzpy.dumpfile import kio
+from vzpy.dumpfile import kio, stream
 from vzpy.dumpfile.format import (
     ALIGN,
     FORMAT_VERSION,
@@ -35,6 +35,13 @@ ZSTD_LEVEL = 1
 ZSTD_THREADS = -1
 STORED_AS_IS = (".zst", ".gz", ".xz", ".bz2", ".lz4", ".zip")  # already compressed: zstd would only cost time
 PROGRESS_MIN = 64 << 20
+# Streaming: the manifest's room before the pages members (a sparse hole until the manifest is written; one
+# that outgrows it moves the members), the FIFOs beyond the pages images expected, and the pump's last drain.
+MANIFEST_ROOM = 1 << 20
+FIFO_SLACK = 16
+MAX_FIFOS = 256  # two fds each (vzpy's, the keeper's): a CT with more shared memory segments gets files past it
+DRAIN_TIMEOUT = 120.0
+_T = TypeVar("_T")
 _PLACEHOLDER = 10**20 - 1  # wider than any u64, so the real manifest never outgrows the room reserved for it
 
 
@@ -76,6 +83,111 @@ def write_dumpfile(
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ChkpntError(_no_space(path.parent, needed, estimate=compress)) from e
         raise ChkpntError(f"cannot write the dump file {path}: {kio.os_text(e)}") from e
+
+
+def write_dumpfile_streamed(
+    path: Path,
+    images_dir: Path,
+    *,
+    pages_images: int,
+    take_images: Callable[[], None],
+    describe: Callable[[], tuple[Manifest, Mapping[str, Path]]],
+    spill_dir: Path,
+    manifest_room: int = MANIFEST_ROOM,
+    progress: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Like write_dumpfile, with the memory images streamed into PATH while take_images() runs CRIU.
+
+    pages_images: how many pages images CRIU is expected to write (stream.pages_images).
+    describe() runs after CRIU (the CT still frozen) and gives the manifest and the extra members.
+    """
+    path, images_dir = Path(path), Path(images_dir)
+    _check_target(path, None)
+    start = MANIFEST_OFFSET + round_up(manifest_room, ALIGN)
+    try:
+        with fileio.atomic_fd(path, mode=0o600) as fd:  # durable; removed on any failure
+            fifos = min(pages_images + FIFO_SLACK, MAX_FIFOS)
+            pump = stream.PagesPump(fd, images_dir, spill_dir, fifos, start)
+            try:
+                pump.start()
+                take_images()
+                streamed, spilled = _written(path, lambda: pump.finish(DRAIN_TIMEOUT))
+            finally:
+                pump.close()
+            manifest, extra = describe()
+            rest = {**spilled, **extra}
+            return _written(path, lambda: _pack_rest(fd, manifest, images_dir, rest, streamed, pump, progress))
+    except OSError as e:  # the temp file's own creation or its final fsync
+        raise _write_error(path, e) from e
+
+
+def _written(path: Path, write: Callable[[], _T]) -> _T:
+    try:
+        return write()
+    except OSError as e:
+        raise _write_error(path, e) from e
+
+
+def _write_error(path: Path, e: OSError) -> ChkpntError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = _free_bytes(path.parent) // (1 << 20)
+        return ChkpntError(
+            f"not enough disk space for the dump file in {path.parent} ({free} MiB free): "
+            "free some space or write the dump elsewhere"
+        )
+    return ChkpntError(f"cannot write the dump file {path}: {kio.os_text(e)}")
+
+
+def _pack_rest(
+    fd: int,
+    manifest: Manifest,
+    images_dir: Path,
+    extra: Mapping[str, Path],
+    streamed: list[stream.Streamed],
+    pump: stream.PagesPump,
+    progress: Callable[[str], None] | None,
+) -> Manifest:
+    """The images CRIU wrote as files and the extra members after the streamed ones, then the manifest."""
+    sources = _collect_sources(images_dir, extra, compress=False)
+    members = {s.name: Member(s.size, s.sha256, s.offset, s.size) for s in streamed}
+    if clash := members.keys() & {s.name for s in sources}:
+        raise ChkpntError(f"dump member {sorted(clash)[0]} was both streamed and written as a file")
+    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256") as pool:
+        hashes = [pool.submit(kio.hash_file, s.path) for s in sources]
+        try:
+            placed = _place_members(fd, sources, pump.end, None, progress)
+        except BaseException:
+            for future in hashes:
+                future.cancel()
+            raise
+        members |= {s.name: _member(s, where, future) for s, where, future in zip(sources, placed, hashes, strict=True)}
+    start = min([pump.data_start] + [m.offset for m in members.values()])
+    manifest = replace(
+        manifest,
+        compression="none",
+        memory_bytes=memory_bytes({name: m.size for name, m in members.items()}),
+        members=dict(sorted(members.items())),
+    )
+    start, manifest = _make_room(fd, manifest, start)
+    trailer_offset = max([start] + [m.offset + m.stored_size for m in manifest.members.values()])
+    _finish(fd, manifest.to_json().encode(), start, trailer_offset)
+    return manifest
+
+
+def _make_room(fd: int, manifest: Manifest, start: int) -> tuple[int, Manifest]:
+    """Members start at `start`; if the manifest does not fit before them, move them all further on."""
+    end = max([start] + [m.offset + m.stored_size for m in manifest.members.values()])
+    moved, placed = 0, manifest
+    while MANIFEST_OFFSET + len(placed.to_json().encode()) > start + moved:
+        # the offsets grow by the move, and with them the manifest: room for a few more digits a member
+        needed = MANIFEST_OFFSET + len(placed.to_json().encode()) + 8 * len(manifest.members)
+        moved = round_up(needed, ALIGN) - start
+        members = {name: replace(m, offset=m.offset + moved) for name, m in manifest.members.items()}
+        placed = replace(manifest, members=members)
+    if moved:
+        stream.move_forward(fd, start, end, moved)
+        _write_zeros(fd, start, moved)  # what the members left behind is padding now (the manifest goes over it)
+    return start + moved, placed
 
 
 def _collect_sources(images_dir: Path, extra: Mapping[str, Path], compress: bool) -> list[_Source]:

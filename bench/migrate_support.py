@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from vzpy.runtime.cgroups import CONTROLLERS
+
+REMAPS_DIR = "ct-link-remaps"  # in the floor's images: CRIU's link-remap files, for the CT's tree on b
 
 MSG = struct.Struct("!Q")  # one probe: an 8-byte sequence number, echoed back as is
 
@@ -312,6 +315,9 @@ def floor_dst(spec: dict[str, Any]) -> None:
         pages_in = time.monotonic()
 
         restore_start = time.monotonic()
+        remaps = images / REMAPS_DIR
+        for path in (p for p in remaps.rglob("*") if p.is_file()) if remaps.is_dir() else []:
+            shutil.move(path, ct.private / path.relative_to(remaps))
         pidfile = logs / "restored.pid"
         argv = [criu, "restore", "-D", str(images), "-W", str(logs), "-o", "restore.log", "-v4",
                 "--root", str(ct.root), "--tcp-established", "--file-locks",
@@ -363,6 +369,13 @@ def floor_src(spec: dict[str, Any]) -> None:
             "--page-server", "--address", spec["dst_address"], "--port", str(spec["page_server_port"])]  # fmt: skip
     _run(argv, spec["timeout"], logs / "dump.log")
     dumped = time.monotonic()
+    # the files CRIU linked into the CT's tree (--link-remap) go along with the images, for b's tree
+    from vzpy.criu.images import linked_remaps
+
+    for name in linked_remaps(images):
+        relative = name.lstrip("/")
+        (images / REMAPS_DIR / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(spec["private"], relative), images / REMAPS_DIR / relative, follow_symlinks=False)
     with socket.create_connection((spec["dst_address"], spec["images_port"]), timeout=10) as sock:
         tar = subprocess.Popen(["tar", "-c", "-C", str(images), "."], stdout=subprocess.PIPE)
         assert tar.stdout is not None

@@ -34,14 +34,18 @@ def _nft(init_pid: int, *args: str, input: str | None = None, check: bool = True
     return proc.run(argv, input=input, check=check, error=NetworkError, what=what, timeout=NFT_TIMEOUT)
 
 
+# Each is one nft transaction, idempotent (a table is declared before it is deleted): one nft run, not a
+# lookup first, in the frozen window.
+LOCK = f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n{RULESET}"
+UNLOCK = f"table inet {TABLE} {{}}\ndelete table inet {TABLE}\n"
+
+
 def lock(init_pid: int) -> None:
-    if not is_locked(init_pid):
-        _nft(init_pid, "-f", "-", input=RULESET)
+    _nft(init_pid, "-f", "-", input=LOCK)
 
 
 def unlock(init_pid: int) -> None:
-    if is_locked(init_pid):
-        _nft(init_pid, "delete", "table", "inet", TABLE)
+    _nft(init_pid, "-f", "-", input=UNLOCK)
 
 
 def is_locked(init_pid: int) -> bool:

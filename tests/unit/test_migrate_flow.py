@@ -139,7 +139,12 @@ class FakeAgent:
     def put_images(self, ctid: str, files: Any, *, timeout: float | None = None) -> int:
         return self._call("put_images", len(files))
 
-    def restore(self, ctid: str, fs_fingerprint: Any, *, timeout: float = 600, lazy_port: int | None = None) -> int:
+    restore_takes_images = False  # protocol 1.1
+
+    def restore(
+        self, ctid: str, fs_fingerprint: Any, *, timeout: float = 600, lazy_port: int | None = None, images: Any = None
+    ) -> int:
+        self.world.images_with_restore = images
         return self._call("restore" if lazy_port is None else "lazy restore", 77)
 
     def resume(self, ctid: str, *, timeout: float, held: Any = None) -> dict[str, Any]:
@@ -295,9 +300,25 @@ def world(gconf: GlobalConfig, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worl
         w.did("src", "sync")
         if "sync" in w.fail:
             raise w.fail["sync"]
-        return SimpleNamespace(bytes=10)
+        return SimpleNamespace(bytes=10, sent=10)
 
     monkeypatch.setattr(flow, "sync_tree", sync_tree)
+
+    class FakeFinalSync:  # vzpy.migrate.finalsync: the frozen final sync's rsync runs, journaled as a sync
+        started = False
+
+        def start(self, *args: Any) -> None:
+            self.started = True
+
+        def run(self, changes: Any, timeout: float) -> list[Any]:
+            assert self.started, "the final sync's rsync runs were never started"
+            sync_tree(Path(), "", None)
+            return []
+
+        def close(self) -> None:
+            self.started = False
+
+    monkeypatch.setattr(flow, "FinalSync", FakeFinalSync)
     monkeypatch.delenv(fault.ENV, raising=False)
     yield w
 
@@ -332,6 +353,17 @@ def test_online_success_runs_every_step_in_order_and_retires_the_source(gconf: G
     assert not ct.conf_path.exists() and ct.conf_path.with_name(f"{CTID}.conf.migrated").exists()
     assert not ct.private.exists()
     assert not marker.path(gconf, CTID).exists()
+
+
+def test_a_destination_on_protocol_1_2_gets_the_images_with_the_restore(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ct = make_ct(gconf)
+    monkeypatch.setattr(FakeAgent, "restore_takes_images", True)
+    run(ct)
+    dst = world.names("dst")
+    assert "put_images" not in dst and dst[dst.index("page_server_wait") + 1] == "restore"
+    assert isinstance(world.images_with_restore, dict)  # type: ignore[attr-defined]
 
 
 # --- before the point of no return: roll back ----------------------------------------------------------------

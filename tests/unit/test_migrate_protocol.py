@@ -623,6 +623,9 @@ def test_rsync_argv_layout() -> None:
         "--server",
         "--old-args",
         "unbalanced 'quote",
+        "--copy-dest=/vz/private/102",
+        "--link-dest=/",
+        "--compare-d=/tmp",
     ],
 )
 def test_hostile_rsync_opts_are_refused(hostile: str) -> None:

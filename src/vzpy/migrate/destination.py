@@ -11,15 +11,21 @@ import base64
 import contextlib
 import os
 import re
+import shutil
+import stat
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
-from vzpy import checkpoint, fsstate, lifecycle
-from vzpy.config import ConfFile
+from vzpy import areas, checkpoint, fsstate, lifecycle
+from vzpy.config import ConfFile, GlobalConfig, validate_ctid
 from vzpy.container import Container
 from vzpy.criu import require_criu
 from vzpy.criu.lazy import start_lazy_pages
 from vzpy.errors import VzError
+from vzpy.host import mounts
 from vzpy.migrate import ProtocolError, RestoreFailed
 from vzpy.migrate.args import Args, bool_arg, ctid_arg, number_arg, optional_number_arg
 from vzpy.migrate.session import AgentSession, Incoming
@@ -30,6 +36,10 @@ IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # CRIU's image file n
 RECOVER_LOCK_WAIT = 60.0  # an agent whose source vanished may still be finishing a request
 FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
 LAZY_SOCKET = "lazy-pages.socket"  # CRIU's, in the work dir: a stale one would make the daemon fail
+OLD_AREA_SUFFIX = ".migrated"  # what `vzpy migrate -r no` leaves of the private area on the host it leaves
+RETIRING = ".removing-"  # PRIVATE.migrated.removing-XXXXXXXX: a retired old area, being removed
+BASIS_DIR = "basis"  # in the work dir: the old area's files rsync may copy instead of receiving them
+BASIS_BUILD_SECONDS = 20.0  # within prepare's reply timeout; a basis cut short only sends more
 
 
 def container(session: AgentSession, incoming: Incoming) -> Container:
@@ -69,6 +79,8 @@ def restore(session: AgentSession, args: Args) -> dict[str, Any]:
         fsstate.verify(recorded, ct.private, ct.ctid, exclude=checkpoint.FS_EXCLUDE)
     if ct.stage() is Stage.UNDUMPED:  # a retried request: it is already there
         return {"init_pid": ct.load_state().init_pid}
+    if "images" in args:  # protocol 1.2: the dump's other images come with the request (see put_images)
+        put_images(session, {**args, "files": args["images"]})
     incoming.restored = True
     incoming.save()  # a dead agent's successor must know to kill what this restore makes
     session.on_rollback(ct.ctid, "kill the restored CT", lambda: lifecycle.kill(ct))
@@ -106,7 +118,8 @@ def resume(session: AgentSession, args: Args) -> dict[str, Any]:
         raise RestoreFailed(f"CT {ct.ctid} restored on {session.hostname} but could not be resumed: {e}") from e
     announced = announce(ct)
     tcpkick.deliver(ct, tcpkick.decode(args.get("held")))  # peers' segments held on the source
-    return {"conf": incoming.conf, "frozen": frozen, "announced": announced, "leftovers": session.finish(incoming)}
+    leftovers = finish_and_retire(session, incoming)
+    return {"conf": incoming.conf, "frozen": frozen, "announced": announced, "leftovers": leftovers}
 
 
 def start(session: AgentSession, args: Args) -> dict[str, Any]:
@@ -120,7 +133,7 @@ def start(session: AgentSession, args: Args) -> dict[str, Any]:
         except BaseException:
             _uncommit(session, incoming, ct)
             raise
-    return {"conf": incoming.conf, "leftovers": session.finish(incoming)}
+    return {"conf": incoming.conf, "leftovers": finish_and_retire(session, incoming)}
 
 
 def _uncommit(session: AgentSession, incoming: Incoming, ct: Container) -> None:
@@ -128,6 +141,118 @@ def _uncommit(session: AgentSession, incoming: Incoming, ct: Container) -> None:
     with contextlib.suppress(VzError, OSError):
         lifecycle.kill(ct)
     session.uncommit(incoming)
+
+
+# --- the CT's old private area (PRIVATE.migrated) as the first sync's basis
+
+
+def old_area(ctid: str, private: Path, gconf: GlobalConfig) -> Path | None:
+    """PRIVATE.migrated, kept here when the CT left with `-r no`, if it may serve as a basis and be retired
+    once the CT is back: a directory (not a symlink) owned by root (the agent), on the filesystem of
+    `private`'s parent, with nothing mounted in it, and no area of another CT (CTID "101.migrated" is valid)."""
+    old = private.with_name(private.name + OLD_AREA_SUFFIX)
+    try:
+        found, parent = os.lstat(old), os.stat(private.parent)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_dev != parent.st_dev:
+        return None
+    if mounts.mounts_below(old, including=True) or _another_cts_area(ctid, old, gconf):
+        return None
+    return old
+
+
+def _another_cts_area(ctid: str, path: Path, gconf: GlobalConfig) -> bool:
+    confdir = gconf.confdir
+    for conf_path in sorted(confdir.glob("*.conf")) if confdir.is_dir() else []:
+        try:
+            other = validate_ctid(conf_path.name.removesuffix(".conf"))
+            if other == ctid:
+                continue
+            conf = ConfFile.load(conf_path)
+            theirs = [areas.area_of(key, other, conf, gconf).path for key in areas.AREA_KEYS]
+        except (OSError, UnicodeError, VzError):
+            return True  # unreadable: it might be
+        if any(path.is_relative_to(area) or area.is_relative_to(path) for area in theirs):
+            return True
+    return False
+
+
+def build_basis(old: Path, basis: Path, seconds: float = BASIS_BUILD_SECONDS) -> int:
+    """Hard-link the regular files of the old area into `basis`, a tree of directories made here: its
+    symlinks, devices and anything on another filesystem are left out. rsync resolves a --copy-dest path
+    through the directory symlinks in it (`etc -> /root` in the old area would make it read the host's
+    /root/...), so it is given this tree, where it cannot leave. The old area is only read (the links bump
+    its files' link counts and ctimes until the work dir goes). The number of files linked; a basis cut
+    short at `seconds` is still valid."""
+    deadline = time.monotonic() + seconds
+    if basis.is_symlink() or basis.exists():
+        shutil.rmtree(basis)
+    basis.mkdir(mode=0o700)
+    device, linked = os.lstat(old).st_dev, 0
+    for top, dirnames, filenames, dirfd in os.fwalk(old, follow_symlinks=False):
+        here = basis / os.path.relpath(top, old)
+        dirnames[:] = [name for name in dirnames if _same_fs_dir(name, dirfd, device)]
+        for name in dirnames:
+            (here / name).mkdir(mode=0o700)
+        for name in filenames:
+            if time.monotonic() > deadline:
+                return linked
+            linked += _link_regular(name, dirfd, here / name)
+    return linked
+
+
+def _same_fs_dir(name: str, dirfd: int, device: int) -> bool:
+    try:
+        found = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISDIR(found.st_mode) and found.st_dev == device
+
+
+def _link_regular(name: str, dirfd: int, target: Path) -> int:
+    try:
+        if not stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+            return 0
+        os.link(name, target, src_dir_fd=dirfd, follow_symlinks=False)
+    except OSError:  # e.g. EMLINK, or it went away: it is sent instead
+        return 0
+    return 1
+
+
+def retire_old_area(ctid: str, private: Path, gconf: GlobalConfig) -> str | None:
+    """After the CT was committed here: its old area is out of date, and in the way of the next `-r no`
+    migration away. Renamed aside at once, removed in the background (a big tree must not delay the reply to
+    the commit); the agent waits for that before it exits. The old area's path, or None if there was none."""
+    old = old_area(ctid, private, gconf)
+    if old is None:
+        return None
+    doomed = old.with_name(f"{old.name}{RETIRING}{uuid.uuid4().hex[:8]}")
+    os.rename(old, doomed)
+    stale = [p for p in old.parent.glob(f"{old.name}{RETIRING}*") if p != doomed]  # a killed agent's
+
+    def remove_all() -> None:
+        for path in (doomed, *stale):
+            shutil.rmtree(path, ignore_errors=True)
+
+    threading.Thread(target=remove_all, name="retire").start()
+    return str(old)
+
+
+def finish_and_retire(session: AgentSession, incoming: Incoming) -> list[str]:
+    """session.finish, then, if this migration built its basis from the old area, retire that (the problems)."""
+    used_old_area = basis_path(incoming).is_dir()
+    leftovers = session.finish(incoming)
+    try:
+        if used_old_area:
+            retire_old_area(incoming.ctid, Path(incoming.private), session.gconf)
+    except OSError as e:
+        leftovers.append(f"remove the CT's old private area: {e}")
+    return leftovers
+
+
+def basis_path(incoming: Incoming) -> Path:
+    return Path(incoming.workdir) / BASIS_DIR
 
 
 def announce(ct: Container) -> list[str]:
@@ -170,7 +295,7 @@ def recover_commit(session: AgentSession, args: Args) -> dict[str, Any]:
     elif ct.stage() is Stage.STOPPED and bool_arg(args, "start", False):
         lifecycle.start(ct)
     record = Incoming.load(session.workdir(ctid))
-    leftovers = session.finish(record) if record is not None else []
+    leftovers = finish_and_retire(session, record) if record is not None else []
     session.unlock(ctid)
     return {"woken": woken, "stage": ct.stage().value, "leftovers": leftovers}
 

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 from vzpy import checkpoint, lifecycle, linkremap
 from vzpy.container import Container
@@ -59,11 +59,13 @@ from vzpy.migrate import (
     MigrateUsage,
     MigrationLocked,
     ProtocolError,
+    changes,
     fault,
     marker,
     paths,
     precopy,
 )
+from vzpy.migrate.finalsync import FinalSync
 from vzpy.migrate.preflight import SourceFacts, check, disk_usage, dump_blockers, raise_blocking, read_cpu_flags
 from vzpy.migrate.remote import RemoteAgent, agent_argv, connect_agent
 from vzpy.migrate.rsync import Transfer, sync_tree
@@ -86,6 +88,7 @@ INLINE_IMAGES_MAX = 2 << 20  # base64 of this stays well under the protocol's 4 
 SCRATCH_PREFIX = ".vzpy-migrate-"
 AMBIGUOUS = (ConnectionBroken, ConnectionTimeout, ProtocolError)
 FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
+T = TypeVar("T")
 
 
 class SourceResumeRefused(MigrateError):
@@ -143,6 +146,7 @@ class Summary:
     phases: list[tuple[str, float]] = field(default_factory=list)
     frozen_seconds: float | None = None
     bytes_moved: int = 0
+    files_sent: list[int] = field(default_factory=list)  # rsync's "Total bytes sent" of each sync of the files
     path_reasons: list[str] = field(default_factory=list)
     iterations: list[precopy.Iteration] = field(default_factory=list)
     stop_reason: str | None = None  # pre-copy: why the iterations stopped
@@ -165,6 +169,7 @@ class Summary:
             "pages_total": self.pages_total,
             "frozen_seconds": None if self.frozen_seconds is None else round(self.frozen_seconds, 3),
             "bytes_moved": self.bytes_moved,
+            "files_sent": self.files_sent,
             "preflight_skipped": self.problems_skipped,
             "announced": self.announced,
             "warnings": self.warnings,
@@ -260,6 +265,10 @@ class Migration:
         self.lazy_ports: tuple[int, int] | None = None  # post-copy: (here, there)
         self.lazy_remaps: list[str] = []  # post-copy: the link-remap files the lazy dump put back in the tree
         self._last_progress = 0.0
+        self.tree_snapshot: changes.TreeSnapshot | None = None  # taken as the live sync began
+        self.final_sync = FinalSync()
+        self.fingerprint: InThread[dict[str, object]] | None = None  # taken while the final sync runs
+        self.images_for_restore: dict[str, str] | None = None  # the small images, sent with the restore request
 
     @property
     def past_no_return(self) -> bool:
@@ -285,7 +294,7 @@ class Migration:
 
     def _streaming_steps(self, precopy_first: bool) -> list[Step]:
         tunnel = Step("tunnel", "page server and tunnel", self._open_tunnel, self._close_tunnel)
-        sync = Step("sync", "sync files", self._sync_files)
+        sync = Step("sync", "sync files", self._live_sync)
         # pre-copy: the files first, so that the memory copied last is the freshest; its iterations use
         # connections of their own, the tunnel's (shared with the frozen final sync) comes after them
         before_freeze = (
@@ -311,7 +320,7 @@ class Migration:
             Step("suspend", "suspend", self._suspend, self.resume_source),
             Step("dump", dump, self._dump, frozen=True),
             # after the dump: the link-remap files it put in the tree (see vzpy.linkremap) go along
-            Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
+            Step("final-sync", "final sync (frozen)", self._final_sync, frozen=True),
             Step("copy-images", "copy images", self._copy_images, frozen=True),
             Step(
                 "restore",
@@ -327,7 +336,7 @@ class Migration:
     def _postcopy_steps(self) -> list[Step]:
         return [
             Step("tunnel", "tunnel for the lazy pages", self._open_reverse_tunnel, self._close_tunnel),
-            Step("sync", "sync files", self._sync_files),
+            Step("sync", "sync files", self._live_sync),
             Step("suspend", "suspend", self._suspend, self.resume_source),
             Step(
                 "lazy-dump",
@@ -337,7 +346,7 @@ class Migration:
                 frozen=True,
                 undo_if_failed=True,  # a lazy dump that did not get ready must be stopped before the CT wakes
             ),
-            Step("final-sync", "final sync (frozen)", self._sync_files, frozen=True),
+            Step("final-sync", "final sync (frozen)", self._final_sync, frozen=True),
             Step("copy-images", "copy images", self._copy_images, frozen=True),
             Step(
                 "lazy-restore",
@@ -354,13 +363,13 @@ class Migration:
     def _offline_steps(self) -> list[Step]:
         start = "start on destination" if self.was_running else "register on destination"
         return [
-            Step("sync", "sync files", self._sync_files),
+            Step("sync", "sync files", self._live_sync),
             *(
                 [Step("stop", "stop", self._stop_source, self._start_source, undo_if_failed=True)]
                 if self.was_running
                 else []
             ),
-            Step("final-sync", "final sync", self._sync_files),
+            Step("final-sync", "final sync", self._final_sync),
             Step("start", start, self._start_remote),
         ]
 
@@ -498,6 +507,46 @@ class Migration:
         sharing = (("ControlMaster", "auto"), ("ControlPath", str(self.control_path)), ("ControlPersist", "no"))
         return self._link().session.openssh(extra_options=sharing)
 
+    def _live_sync(self) -> None:
+        """The whole tree while the CT runs; what changes from now on is found again for the final sync."""
+        self.tree_snapshot = changes.snapshot(self.ct.private)
+        self._sync_files()
+        if self.control_path is not None:  # the tunnel's SSH connection is up: start up the final sync's runs now
+            self._start_final_sync()
+
+    def _final_sync(self) -> None:
+        """Only what changed since the live sync began (vzpy.migrate.changes), through the rsync runs started
+        before the freeze; the whole tree again when the changes cannot be trusted. The tree here is final
+        (frozen, dumped): its fingerprint, for the restore there, is taken while rsync runs."""
+        snap, self.tree_snapshot = self.tree_snapshot, None
+        found = changes.changes_since(snap) if snap is not None else changes.TreeChanges(why_full="no live sync")
+        if self.opts.online:
+            self.fingerprint = InThread(lambda: checkpoint.fs_fingerprint(self.ct), f"fingerprint of CT {self.ct.ctid}")
+        if found.why_full is not None:
+            self.final_sync.close()
+            self.progress(f"  final sync of the whole tree: {found.why_full}")
+            self._sync_files()
+            return
+        self.progress(f"  final sync: {len(found.dirs)} directories and {len(found.files)} other entries changed")
+        if not self.final_sync.started:  # offline: nothing started them ahead
+            self.final_sync.start(self.ct.private, self.dest["private"], self._openssh(), self.opts.rsync_opts)
+        timeout = self._frozen_left("the final sync") or LIVE_SYNC_TIMEOUT
+        results = self.final_sync.run(found, timeout)
+        self.summary.bytes_moved += sum(result.bytes for result in results)
+        self.summary.files_sent.append(sum(result.sent for result in results))
+
+    def _fs_fingerprint(self) -> dict[str, object]:
+        """The frozen tree's fingerprint: the one taken during the final sync, or taken now."""
+        taken, self.fingerprint = self.fingerprint, None
+        if taken is None:
+            return checkpoint.fs_fingerprint(self.ct)
+        return taken.result(self._frozen_left("the fingerprint of the files"))
+
+    def _start_final_sync(self) -> None:
+        """The final sync's rsync runs, connected and waiting for the names to send."""
+        if self.tree_snapshot is not None:
+            self.final_sync.start(self.ct.private, self.dest["private"], self._openssh(), self.opts.rsync_opts)
+
     def _sync_files(self) -> None:
         frozen_left = self._frozen_left("the final sync")
         result = sync_tree(
@@ -508,8 +557,10 @@ class Migration:
             allow_vanished=frozen_left is None,
             on_progress=self._rsync_progress if self.opts.verbose else None,
             timeout=frozen_left or LIVE_SYNC_TIMEOUT,
+            basis=self.dest.pop("rsync_basis", None),  # the destination's, for the first sync only
         )
         self.summary.bytes_moved += result.bytes
+        self.summary.files_sent.append(result.sent)
 
     def _rsync_progress(self, update: Transfer) -> None:
         now = time.monotonic()
@@ -520,6 +571,8 @@ class Migration:
     # --- online: freeze, dump, restore there
 
     def _suspend(self) -> None:
+        if not self.final_sync.started:  # pre-copy: its SSH channel and the rsync there start up during the dump
+            self._start_final_sync()
         self.budget.start()
         checkpoint.suspend(self.ct, self.progress)
 
@@ -637,7 +690,10 @@ class Migration:
         timeout = self._frozen_left("the copy of the images")
         if size <= INLINE_IMAGES_MAX:
             encoded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in files}
-            self._agent().put_images(self.ct.ctid, encoded, timeout=timeout)
+            if self._agent().restore_takes_images:
+                self.images_for_restore = encoded  # they go with the restore's request: one round trip less
+            else:
+                self._agent().put_images(self.ct.ctid, encoded, timeout=timeout)
             self.summary.bytes_moved += size
             return
         # not a mirror: the page server's pagemap/pages images are already there
@@ -652,8 +708,9 @@ class Migration:
         self.summary.bytes_moved += result.bytes
 
     def _restore_remote(self) -> None:
-        fingerprint = checkpoint.fs_fingerprint(self.ct)
-        self._agent().restore(self.ct.ctid, fingerprint, timeout=self._frozen_left("the restore") or 600)
+        fingerprint = self._fs_fingerprint()
+        timeout = self._frozen_left("the restore") or 600
+        self._agent().restore(self.ct.ctid, fingerprint, timeout=timeout, images=self.images_for_restore)
 
     # --- post-copy
 
@@ -708,11 +765,15 @@ class Migration:
         here. From the request on, only a reply saying there is no CT there brings the migration back; any
         other failure until the resume's reply leaves the outcome in doubt (the copy here stays frozen)."""
         assert self.lazy_ports is not None, "open the reverse tunnel first"
-        fingerprint = checkpoint.fs_fingerprint(self.ct)
+        fingerprint = self._fs_fingerprint()
         timeout = self._frozen_left("the restore") or 600
         there = self.lazy_ports[1]
         self._commit(
-            lambda: {"init_pid": self._agent().restore(self.ct.ctid, fingerprint, timeout=timeout, lazy_port=there)}
+            lambda: {
+                "init_pid": self._agent().restore(
+                    self.ct.ctid, fingerprint, timeout=timeout, lazy_port=there, images=self.images_for_restore
+                )
+            }
         )
         self.phase = "in doubt"  # restored there, not yet committed: the resume's reply settles it
 
@@ -850,12 +911,38 @@ class Migration:
         return self.work
 
     def _close(self) -> None:
+        self.final_sync.close()
         if self.tunnel is not None:  # after a failure past the point of no return: not needed either
             self.tunnel.close()
         self._remove_work()
         if self.link is not None:
             with contextlib.suppress(VzError, OSError):
                 self.link.close()
+
+
+class InThread(Generic[T]):
+    """fn() run in a thread from now on; result() waits for it (and raises what it raised)."""
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            self._error = e
+
+    def result(self, timeout: float | None) -> T:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise MigrateError(f"{self._thread.name} not done within {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
 
 
 class LazyDump:

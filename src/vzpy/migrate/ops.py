@@ -4,7 +4,8 @@ hello first. The explicit table OPS is the protocol's whole surface on the desti
     hello                              versions, and this host's facts (CRIU, kernel, CPU, cgroups, paths, disk)
     ct_exists(ctid, ips)               whether the CTID (or its private area, or the IPs) is taken here
     prepare(ctid, conf_text, token)    take the CT's lock, make its private area and a 0700 work dir
-                                       (DUMPDIR/Migrate.CTID/images), write CTID.conf.migrating
+                                       (DUMPDIR/Migrate.CTID/images), write CTID.conf.migrating; with the
+                                       CT's old area here (PRIVATE.migrated), the rsync_basis for the first sync
     page_server_start/wait/stop        a CRIU page server on 127.0.0.1 writing into the images dir (or a
                                        pre-dump iteration's subdir, whose `parent` link names the one before)
     lazy_port(ctid)                    post-copy: a free loopback port here for the tunnel to the source's pages
@@ -67,6 +68,7 @@ from vzpy.migrate.session import AgentSession, Incoming, remove
 PAGE_SERVER_ADDRESS = "127.0.0.1"
 PARENT_LINK = "parent"  # CRIU's name for the link to the parent images
 PAGE_SERVER_LOG = "page-server.log"
+BASIS_KEY = "rsync_basis"  # in prepare's reply: the --copy-dest directory here for the first sync
 
 Handler = Callable[[AgentSession, Args], dict[str, Any]]
 
@@ -120,15 +122,37 @@ def prepare(session: AgentSession, args: Args) -> dict[str, Any]:
     existing = session.incoming.get(ctid)
     if existing is not None and existing.state == "prepared":
         if existing.token == token:
-            return existing.paths()
+            return _prepared_reply(existing)
         raise MigrationLocked(f"CT {ctid} is already being migrated to {session.hostname} by another request")
     conf_text, keep_dst = str_arg(args, "conf_text"), bool_arg(args, "keep_dst", False)
     session.lock(ctid)
     try:
-        return _prepare_locked(session, ctid, token, conf_text, keep_dst).paths()
+        incoming = _prepare_locked(session, ctid, token, conf_text, keep_dst)
     except BaseException:
         session.unlock(ctid)
         raise
+    _offer_basis(session, incoming)
+    return _prepared_reply(incoming)
+
+
+def _prepared_reply(incoming: Incoming) -> dict[str, Any]:
+    basis = destination.basis_path(incoming)
+    return {**incoming.paths(), **({BASIS_KEY: str(basis)} if basis.is_dir() else {})}
+
+
+def _offer_basis(session: AgentSession, incoming: Incoming) -> None:
+    """Build the basis from the CT's old area if there is one this host may use (on the work dir's filesystem:
+    it is hard links). Best effort: without it the files are all sent. Removed by a rollback (also one that
+    keeps the synced area), and with the work dir once the CT is here."""
+    old = destination.old_area(incoming.ctid, Path(incoming.private), session.gconf)
+    basis = destination.basis_path(incoming)
+    session.on_rollback(incoming.ctid, "remove the rsync basis", lambda: remove(basis, []))
+    try:
+        if old is not None and os.stat(incoming.workdir).st_dev == os.lstat(old).st_dev:
+            destination.build_basis(old, basis)
+    except OSError:
+        with contextlib.suppress(OSError):
+            remove(basis, [])
 
 
 def _prepare_locked(session: AgentSession, ctid: str, token: str, conf_text: str, keep_dst: bool) -> Incoming:
@@ -194,6 +218,7 @@ def _take_over_leftovers(session: AgentSession, workdir: Path) -> Incoming | Non
         destination.kill_restored(session, record)
     remove(record.staged_conf, [])
     remove(record.images, [])
+    remove(destination.basis_path(record), [])  # rebuilt if the old area is still there
     return record
 
 

@@ -28,7 +28,8 @@ from vzpy.migrate import (
 )
 
 PROTOCOL_MAJOR = 1
-PROTOCOL_MINOR = 1  # 1.1: recover_state/recover_commit, resume/start commit themselves, no commit op
+PROTOCOL_MINOR = 2  # 1.1: recover_state/recover_commit, resume/start commit themselves, no commit op
+# 1.2: restore takes the dump's other images with it (one round trip less while the CT is frozen)
 PROTOCOL_VERSION = (PROTOCOL_MAJOR, PROTOCOL_MINOR)
 MAX_LINE = 4 << 20
 READ_SIZE = 65536

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT = 60.0
 BYE_TIMEOUT = 10.0
 LONG_OP_TIMEOUT = 600.0  # restore and page-server waits, when no frozen-time budget bounds them
+IMAGES_WITH_RESTORE = (1, 2)  # the protocol version whose restore takes the images along
 
 
 def agent_argv(remote_vzpy: str = "vzpy") -> list[str]:
@@ -74,6 +75,11 @@ class RemoteAgent:
         """Write the named images (base64) into the CT's images dir there; how many."""
         return int(self.client.call("put_images", ctid=ctid, files=dict(files), timeout=timeout)["written"])
 
+    @property
+    def restore_takes_images(self) -> bool:
+        """Whether restore can carry the images put_images would send (protocol 1.2)."""
+        return self.client.version is not None and self.client.version >= IMAGES_WITH_RESTORE
+
     def restore(
         self,
         ctid: str,
@@ -81,10 +87,14 @@ class RemoteAgent:
         *,
         timeout: float = LONG_OP_TIMEOUT,
         lazy_port: int | None = None,
+        images: Mapping[str, str] | None = None,
     ) -> int:
         """Restore the CT there, frozen (CRIU bounded by `timeout` there too); its init's pid. lazy_port:
-        post-copy, its pages come from the lazy page server the tunnel reaches on that port there."""
-        args = {} if lazy_port is None else {"lazy_port": lazy_port}
+        post-copy, its pages come from the lazy page server the tunnel reaches on that port there. images:
+        what put_images would write, written first (only if restore_takes_images)."""
+        args: dict[str, Any] = {} if lazy_port is None else {"lazy_port": lazy_port}
+        if images is not None:
+            args["images"] = dict(images)
         reply = self.client.call(
             "restore", ctid=ctid, fs_fingerprint=fs_fingerprint, deadline=timeout, timeout=timeout + 5.0, **args
         )

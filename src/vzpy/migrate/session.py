@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from vzpy.migrate import CopyFailed, CtExistsRemote, MigrationLocked, RemoteConf
 from vzpy.migrate.args import ctid_arg
 
 WORKDIR_PREFIX = "Migrate."
+TRASH_PREFIX = ".removing."  # a finished migration's work dir, being removed
 RECORD = "agent.json"
 STAGED_SUFFIX = ".migrating"
 DEFAULT_IDLE_TIMEOUT = 4 * 3600.0
@@ -216,10 +219,10 @@ class AgentSession:
         incoming.save()
 
     def finish(self, incoming: Incoming) -> list[str]:
-        """After the CT runs here: drop its rollback, remove its work dir, release its lock."""
+        """After the CT runs here: drop its rollback, move its work dir aside (removed in the background: the
+        source waits for this reply, and removing a big CT's pages takes a while), release its lock."""
         self._undo.pop(incoming.ctid, None)
-        removed: list[str] = []
-        errors = run_steps([("remove images", lambda: remove(Path(incoming.workdir), removed))])
+        errors = run_steps([("remove images", lambda: remove_later(Path(incoming.workdir)))])
         self.unlock(incoming.ctid)
         return errors
 
@@ -267,6 +270,24 @@ def run_steps(steps: Sequence[tuple[str, Callable[[], object]]]) -> list[str]:
         except Exception as e:
             errors.append(f"{what}: {getattr(e, 'message', None) or e}")
     return errors
+
+
+def remove_later(workdir: Path) -> threading.Thread | None:
+    """Rename workdir to a hidden name next to it, then remove that (and what an earlier, killed agent left
+    under such names for the same CT) in a thread the agent's exit waits for."""
+    if not workdir.exists():
+        return None
+    trash = workdir.with_name(f"{TRASH_PREFIX}{workdir.name}.{uuid.uuid4().hex[:8]}")
+    workdir.rename(trash)
+    stale = [p for p in workdir.parent.glob(f"{TRASH_PREFIX}{workdir.name}.*") if p != trash]
+
+    def remove_all() -> None:
+        for path in [trash, *stale]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    thread = threading.Thread(target=remove_all, name=f"remove {trash}")
+    thread.start()
+    return thread
 
 
 def remove(path: Path, removed: list[str]) -> None:

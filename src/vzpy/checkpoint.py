@@ -524,7 +524,7 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
     size = sum(m.size for m in manifest.members.values())
     with work_dir(ct, "restore", size=size) as work:
         # Extracting verifies every member before anything changes, except the memory images: CRIU only copies
-        # those into the tasks it makes, so their sha256 runs alongside the restore, and the restored tasks stay
+        # those into the tasks it makes, so their hash runs alongside the restore, and the restored tasks stay
         # frozen (never run an instruction of the CT's) until it says every byte is the dump's.
         late = dumpfile.extract_checking_later(path, work, later=criu_images.is_memory_image)[1]
         try:

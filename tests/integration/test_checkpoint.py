@@ -84,6 +84,10 @@ def test_chkpnt_then_restore_keeps_every_item_and_the_tcp_connection(fidelity_ct
     assert stage_of(vz, ctid) == "stopped"
     info = vz.run("dumpinfo", str(dump), check=True).stdout
     assert f"CT {ctid}" in info and "fidelity" in info
+    verified = vz.run("dumpinfo", "--verify", str(dump), check=True).stdout
+    assert "verified: every member's size and blake3 digest match" in verified
+    listed = json.loads(vz.run("dumpinfo", "--json", str(dump), check=True).stdout)
+    assert listed["digest"] == "blake3" and all("blake3" in m for m in listed["members"].values())
 
     result = vz.run("restore", ctid)
     assert result.returncode == 0, result.stderr

@@ -1,8 +1,9 @@
-"""`vzpy restore` checks the memory images' sha256 while CRIU restores them: a corrupt one is refused and the
+"""`vzpy restore` checks the memory images' digests while CRIU restores them: a corrupt one is refused and the
 restored tasks never run (vzpy.checkpoint.undump, vzpy.dumpfile.extract_checking_later)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -13,6 +14,7 @@ import pytest
 from helpers import VzRoot
 from vzpy import dumpfile
 from vzpy.criu.images import is_memory_image
+from vzpy.dumpfile.format import HEADER, TRAILER, TRAILER_MAGIC
 
 pytestmark = pytest.mark.root
 CTID = "147"
@@ -25,6 +27,30 @@ def _flip(path: Path, offset: int) -> None:
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _as_version_1(path: Path) -> None:
+    """Rewrite a dump as format version 1 wrote it: no "digest" field, each member's sha256 under "sha256"."""
+    magic, _, flags, offset, length, trailer_offset, _ = HEADER.unpack(path.read_bytes()[: HEADER.size])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = json.loads(f.read(length))
+        data["format_version"] = 1
+        del data["digest"]
+        for member in data["members"].values():
+            assert member["codec"] == "none"
+            f.seek(member["offset"])
+            member["sha256"] = hashlib.sha256(f.read(member["stored_size"])).hexdigest()
+            del member["blake3"]
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        assert len(raw) <= length
+        digest = hashlib.sha256(raw).digest()
+        f.seek(offset)
+        f.write(raw + bytes(length - len(raw)))
+        f.seek(0)
+        f.write(HEADER.pack(magic, 1, flags, offset, len(raw), trailer_offset, digest))
+        f.seek(trailer_offset)
+        f.write(TRAILER.pack(TRAILER_MAGIC, trailer_offset, digest))
 
 
 def _wait_for_ticks(ticks: Path, more_than: int) -> None:
@@ -53,7 +79,7 @@ def test_a_corrupt_memory_image_is_refused_and_the_ct_never_runs(vzroot: VzRoot)
     refused = vz.run("restore", CTID)
 
     assert refused.returncode == 17, refused.stderr
-    assert f"sha256 mismatch in {name}" in refused.stderr and "\n" not in refused.stderr.strip()
+    assert f"blake3 mismatch in {name}" in refused.stderr and "\n" not in refused.stderr.strip()
     time.sleep(0.3)  # a ticker that had been let run would have written by now (not a timed assert)
     assert ticks.read_bytes() == before, "the restored tasks ran before their memory was checked"
     assert json.loads(vz.run("status", "--json", CTID).stdout)["status"] == "stopped"
@@ -61,6 +87,8 @@ def test_a_corrupt_memory_image_is_refused_and_the_ct_never_runs(vzroot: VzRoot)
     assert not any(Path("/dev/shm").glob(f".vzpy-restore-*-{CTID}-*")), "the scratch images were left behind"
 
     _flip(dump, member.offset + member.size // 2)  # repaired: the same dump restores and runs on
+    _as_version_1(dump)  # as an older vzpy wrote it (sha256 members): it restores too
+    assert (dumpfile.read_manifest(dump).format_version, dumpfile.read_manifest(dump).digest) == (1, "sha256")
     vz.run("restore", CTID, check=True)
     _wait_for_ticks(ticks, len(before))
     assert os.path.getsize(ticks) > len(before)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 from vzpy import dumpfile
@@ -119,7 +120,8 @@ def test_round_trip_keeps_every_byte_and_the_manifest(tmp_path: Path, images: Pa
     assert written.fs_fingerprint == {"private": "/vz/private/101", "mtime": 1700000000}
     assert written.memory_bytes == len(PAGES) + 4096
     assert written.format_version == FORMAT_VERSION and written.compression == "none"
-    assert written.members["pages-1.img"].sha256 == hashlib.sha256(PAGES).hexdigest()
+    assert written.digest == "blake3"
+    assert written.members["pages-1.img"].digest == blake3.blake3(PAGES).hexdigest()
     assert {n: m.size for n, m in written.members.items()} == {n: len(b) for n, b in files(images).items()}
     assert dumpfile.verify(dump) == written
     out = tmp_path / "out"
@@ -178,6 +180,84 @@ def test_copy_falls_back(tmp_path: Path, images: Path, monkeypatch: Any, unavail
     dumpfile.write_dumpfile(tmp_path / "ct.dump", images, manifest())
     dumpfile.extract(tmp_path / "ct.dump", tmp_path / "out")
     assert files(tmp_path / "out") == files(images)
+
+
+# --- member digests: BLAKE3 in format version 2, sha256 in version 1 ---
+
+
+def test_the_manifest_names_its_digest_algorithm_and_each_member_its_digest(images: Path, dump: Path) -> None:
+    offset, length = header(dump)[3:5]
+    data = json.loads(dump.read_bytes()[offset : offset + length])
+    assert (data["format_version"], data["digest"]) == (2, "blake3")
+    for name, member in data["members"].items():
+        assert "sha256" not in member
+        assert member["blake3"] == blake3.blake3((images / name).read_bytes()).hexdigest()
+
+
+def test_an_unknown_digest_algorithm_is_refused(dump: Path) -> None:
+    def to_md5(m: dict[str, Any]) -> None:
+        m["digest"] = "md5"
+        for member in m["members"].values():
+            member["md5"] = member.pop("blake3")
+
+    rewrite_manifest(dump, to_md5)
+    want = "manifest unreadable: member digest algorithm 'md5' is not one this vzpy knows (sha256, blake3)"
+    refused(lambda: dumpfile.read_manifest(dump), want)
+
+
+def test_a_version_2_manifest_must_name_its_digest_algorithm(dump: Path) -> None:
+    rewrite_manifest(dump, lambda m: m.pop("digest"))
+    refused(lambda: dumpfile.read_manifest(dump), "manifest unreadable: missing field digest")
+
+
+def as_version_1(path: Path, images: Path) -> None:
+    """Rewrite a dump as format version 1 wrote it: no "digest" field, each member's sha256 under "sha256"."""
+
+    def to_version_1(m: dict[str, Any]) -> None:
+        m["format_version"] = 1
+        del m["digest"]
+        for name, member in m["members"].items():
+            del member["blake3"]
+            member["sha256"] = hashlib.sha256((images / name).read_bytes()).hexdigest()
+
+    rewrite_manifest(path, to_version_1)
+    write_header(path, version=1)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_version_1_dump_reads_verifies_and_extracts(tmp_path: Path, images: Path, compress: bool) -> None:
+    path = tmp_path / "ct.dump"
+    dumpfile.write_dumpfile(path, images, manifest(), compress=compress)
+    as_version_1(path, images)
+    old = dumpfile.read_manifest(path)
+    assert (old.format_version, old.digest) == (1, "sha256")
+    assert old.members["pages-1.img"].digest == hashlib.sha256(PAGES).hexdigest()
+    assert dumpfile.verify(path) == old
+    assert dumpfile.extract(path, tmp_path / "out") == old
+    assert files(tmp_path / "out") == files(images)
+    late_manifest, late = dumpfile.extract_checking_later(path, tmp_path / "late", lambda n: n.startswith("pages-"))
+    late.wait()
+    assert late_manifest == old and files(tmp_path / "late") == files(images)
+
+
+def test_a_corrupt_member_of_a_version_1_dump_is_refused_by_its_sha256(tmp_path: Path, images: Path) -> None:
+    path = tmp_path / "ct.dump"
+    dumpfile.write_dumpfile(path, images, manifest())
+    as_version_1(path, images)
+    flip(path, dumpfile.read_manifest(path).members["pages-1.img"].offset + 5000)
+    refused(lambda: dumpfile.verify(path), "dump file is corrupt: sha256 mismatch in pages-1.img")
+    refused(lambda: dumpfile.extract(path, tmp_path / "out"), "sha256 mismatch in pages-1.img")
+    _, late = dumpfile.extract_checking_later(path, tmp_path / "late", lambda n: n == "pages-1.img")
+    refused(late.wait, "sha256 mismatch in pages-1.img")
+
+
+def test_a_version_1_manifest_needs_no_digest_field_and_its_json_names_sha256(tmp_path: Path, images: Path) -> None:
+    path = tmp_path / "ct.dump"
+    dumpfile.write_dumpfile(path, images, manifest())
+    as_version_1(path, images)
+    data = json.loads(dumpfile.read_manifest(path).to_json())  # what `vzpy dumpinfo --json` prints
+    assert data["digest"] == "sha256" and "blake3" not in data["members"]["pages-1.img"]
+    assert data["members"]["pages-1.img"]["sha256"] == hashlib.sha256(PAGES).hexdigest()
 
 
 # --- compression ---
@@ -337,7 +417,7 @@ def test_bytes_after_the_trailer_are_refused(dump: Path) -> None:
 def test_a_flipped_byte_in_a_member_is_refused_by_verify(dump: Path) -> None:
     flip(dump, dumpfile.read_manifest(dump).members["pages-1.img"].offset + 5000)
     dumpfile.read_manifest(dump)  # the header-only read does not look at member data
-    refused(lambda: dumpfile.verify(dump), "dump file is corrupt: sha256 mismatch in pages-1.img")
+    refused(lambda: dumpfile.verify(dump), "dump file is corrupt: blake3 mismatch in pages-1.img")
 
 
 def test_a_flipped_byte_in_the_manifest_makes_it_unreadable(dump: Path) -> None:
@@ -407,7 +487,7 @@ def test_extract_of_a_corrupt_last_member_removes_what_it_wrote(dump: Path, tmp_
     members = dumpfile.read_manifest(dump).members
     last = max(members, key=lambda n: members[n].offset)
     flip(dump, members[last].offset + 1)
-    refused(lambda: dumpfile.extract(dump, tmp_path / "out"), f"sha256 mismatch in {last}")
+    refused(lambda: dumpfile.extract(dump, tmp_path / "out"), f"blake3 mismatch in {last}")
     assert not (tmp_path / "out").exists()
 
 
@@ -416,7 +496,7 @@ def test_extract_into_an_existing_directory_removes_only_its_own_files(dump: Pat
     out.mkdir()
     (out / "mine").write_text("keep")
     flip(dump, dumpfile.read_manifest(dump).members["pages-1.img"].offset)
-    refused(lambda: dumpfile.extract(dump, out), "sha256 mismatch in pages-1.img")
+    refused(lambda: dumpfile.extract(dump, out), "blake3 mismatch in pages-1.img")
     assert files(out) == {"mine": b"keep"}
 
 
@@ -646,14 +726,14 @@ def test_a_dump_without_members_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"size": -1}, "bad size, offset or sha256"),
-        ({"size": True}, "bad size, offset or sha256"),
-        ({"size": 9.0}, "bad size, offset or sha256"),
-        ({"offset": "4096"}, "bad size, offset or sha256"),
-        ({"stored_size": -9}, "bad size, offset or sha256"),
-        ({"sha256": "A" * 64}, "bad size, offset or sha256"),
-        ({"sha256": "0" * 63}, "bad size, offset or sha256"),
-        ({"sha256": "0" * 64 + "\n"}, "bad size, offset or sha256"),
+        ({"size": -1}, "bad size, offset or blake3"),
+        ({"size": True}, "bad size, offset or blake3"),
+        ({"size": 9.0}, "bad size, offset or blake3"),
+        ({"offset": "4096"}, "bad size, offset or blake3"),
+        ({"stored_size": -9}, "bad size, offset or blake3"),
+        ({"blake3": "A" * 64}, "bad size, offset or blake3"),
+        ({"blake3": "0" * 63}, "bad size, offset or blake3"),
+        ({"blake3": "0" * 64 + "\n"}, "bad size, offset or blake3"),
         ({"offset": 4097}, "offset 4097 is not a multiple of 4096"),
         ({"codec": "gzip"}, "bad codec 'gzip'"),
         ({"stored_size": 8}, "bad codec 'none' for its sizes"),
@@ -671,7 +751,7 @@ def test_a_compressed_member_in_a_plain_dump_is_unreadable(dump: Path) -> None:
     refused(lambda: dumpfile.read_manifest(dump), "a member is compressed but the dump's compression is none")
 
 
-@pytest.mark.parametrize("field", ["size", "sha256", "offset", "stored_size", "codec"])
+@pytest.mark.parametrize("field", ["size", "blake3", "offset", "stored_size", "codec"])
 def test_a_member_missing_a_field_is_unreadable(dump: Path, field: str) -> None:
     rewrite_manifest(dump, lambda m: m["members"]["inventory.img"].pop(field))
     refused(lambda: dumpfile.read_manifest(dump), f"member inventory.img: missing field {field}")
@@ -683,7 +763,7 @@ def test_unknown_member_fields_are_ignored(dump: Path) -> None:
 
 
 def test_a_zstd_member_one_byte_smaller_than_its_original_is_accepted_by_the_format() -> None:
-    member = {"size": 9, "sha256": "0" * 64, "offset": 8192, "stored_size": 8, "codec": "zstd"}
+    member = {"size": 9, "blake3": "0" * 64, "offset": 8192, "stored_size": 8, "codec": "zstd"}
     text = manifest(compression="zstd", members={}).to_json()
     data = json.loads(text)
     data["members"] = {"inventory.img": member}
@@ -756,7 +836,7 @@ def test_a_source_that_shrinks_while_it_is_copied_is_refused(
         return sources
 
     monkeypatch.setattr(writer, "_collect_sources", collect_then_shrink)
-    monkeypatch.setattr(kio, "hash_file", lambda path: (len(PAGES), "0" * 64))  # the hasher saw it whole
+    monkeypatch.setattr(kio, "hash_file", lambda path, algorithm: (len(PAGES), "0" * 64))  # the hasher saw it whole
     with pytest.raises(ChkpntError, match=r"pages-1\.img shrank while it was being packed"):
         dumpfile.write_dumpfile(tmp_path / "ct.dump", images, manifest())
     assert not (tmp_path / "ct.dump").exists()
@@ -764,7 +844,9 @@ def test_a_source_that_shrinks_while_it_is_copied_is_refused(
 
 def test_a_source_the_hasher_sees_at_another_size_is_refused(tmp_path: Path, images: Path, monkeypatch: Any) -> None:
     real_hash = kio.hash_file
-    monkeypatch.setattr(kio, "hash_file", lambda path: (real_hash(path)[0] + 1, real_hash(path)[1]))
+    monkeypatch.setattr(
+        kio, "hash_file", lambda path, algorithm: (real_hash(path, algorithm)[0] + 1, real_hash(path, algorithm)[1])
+    )
     with pytest.raises(ChkpntError, match="changed size while it was being packed"):
         dumpfile.write_dumpfile(tmp_path / "ct.dump", images, manifest())
     assert not (tmp_path / "ct.dump").exists()

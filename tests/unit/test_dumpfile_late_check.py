@@ -1,4 +1,4 @@
-"""extract_checking_later: the memory images' sha256 may finish after extraction, every other member's not."""
+"""extract_checking_later: the memory images' digests may finish after extraction, every other member's not."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_a_bad_memory_image_is_extracted_and_refused_by_wait(tmp_path: Path) -> 
     out = tmp_path / "out"
     _, late = dumpfile.extract_checking_later(path, out, later=is_memory_image)
     assert (out / "pages-1.img").stat().st_size == 256 << 10
-    with pytest.raises(RestoreError, match=r"sha256 mismatch in pages-1\.img"):
+    with pytest.raises(RestoreError, match=r"blake3 mismatch in pages-1\.img"):
         late.wait()
 
 
@@ -47,7 +47,7 @@ def test_a_bad_member_that_is_not_memory_is_refused_before_it_returns(tmp_path: 
     path = _dump(tmp_path)
     _flip(path, "core-1.img")
     out = tmp_path / "out"
-    with pytest.raises(RestoreError, match=r"sha256 mismatch in core-1\.img"):
+    with pytest.raises(RestoreError, match=r"blake3 mismatch in core-1\.img"):
         dumpfile.extract_checking_later(path, out, later=is_memory_image)
     assert not out.exists(), "a refused extraction leaves nothing behind"
 
@@ -58,7 +58,7 @@ def test_good_members_pass_and_plain_extract_still_checks_everything(tmp_path: P
     late.wait()
     late.close()  # idempotent
     _flip(path, "pages-1.img")
-    with pytest.raises(RestoreError, match=r"sha256 mismatch in pages-1\.img"):
+    with pytest.raises(RestoreError, match=r"blake3 mismatch in pages-1\.img"):
         dumpfile.extract(path, tmp_path / "plain")
 
 

@@ -49,7 +49,7 @@ def test_a_manifest_that_is_not_a_json_object_is_refused_saying_so() -> None:
 
 def test_a_compressed_member_in_a_dump_without_compression_is_refused_saying_so() -> None:
     data = json.loads(manifest().to_json())
-    data["members"] = {"core-1.img": {"size": 100, "sha256": SHA, "offset": 8192, "stored_size": 50, "codec": "zstd"}}
+    data["members"] = {"core-1.img": {"size": 100, "blake3": SHA, "offset": 8192, "stored_size": 50, "codec": "zstd"}}
     with pytest.raises(ValueError) as info:
         Manifest.from_json(json.dumps(data))
     assert str(info.value) == "a member is compressed but the dump's compression is none"

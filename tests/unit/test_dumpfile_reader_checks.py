@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -52,8 +53,8 @@ def build_dump(
     pos = MANIFEST_OFFSET + room
     for name, (original, stored, codec) in members.items():
         pos = (offsets or {}).get(name, round_up(pos, ALIGN))
-        digest = hashlib.sha256(original).hexdigest()
-        placed[name] = Member(size=len(original), sha256=digest, offset=pos, stored_size=len(stored), codec=codec)
+        digest = blake3.blake3(original).hexdigest()
+        placed[name] = Member(size=len(original), digest=digest, offset=pos, stored_size=len(stored), codec=codec)
         pos += len(stored)
     pos += trailer_gap
     compressed = any(codec == "zstd" for _, _, codec in members.values())
@@ -366,7 +367,7 @@ def test_extract_of_a_damaged_plain_member_names_the_file_and_the_member(tmp_pat
     dump = build_dump(tmp_path / "d", PLAIN)
     poke(dump, reader.read_manifest(dump).members["pages-1.img"].offset + 3, b"\xff")
     assert refusal(lambda: reader.extract(dump, tmp_path / "out")) == (
-        f"{dump}: dump file is corrupt: sha256 mismatch in pages-1.img"
+        f"{dump}: dump file is corrupt: blake3 mismatch in pages-1.img"
     )
 
 
@@ -380,7 +381,7 @@ def test_extract_of_an_unknown_member_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("frame_content", "claimed", "why"),
     [
-        (CONTENT, CONTENT[:-1] + b"b", "sha256 mismatch in pages-2.img"),
+        (CONTENT, CONTENT[:-1] + b"b", "blake3 mismatch in pages-2.img"),
         (CONTENT, CONTENT + b"a", f"pages-2.img has {len(CONTENT)} bytes, the manifest says {len(CONTENT) + 1}"),
         (CONTENT, CONTENT[:-1], f"pages-2.img decompresses to more than {len(CONTENT) - 1} bytes"),
     ],

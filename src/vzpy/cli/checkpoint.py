@@ -108,7 +108,7 @@ def _import_config(ct: Container, path: Path) -> bool:
 @click.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@click.option("--verify", is_flag=True, help="Also check every member's size and sha256 (reads the whole file).")
+@click.option("--verify", is_flag=True, help="Also check every member's size and digest (reads the whole file).")
 @click.pass_obj
 def dumpinfo(app: App, path: Path, as_json: bool, verify: bool) -> None:
     """Show what a dump file holds (CT, time, processes, memory) without restoring it."""
@@ -122,4 +122,4 @@ def dumpinfo(app: App, path: Path, as_json: bool, verify: bool) -> None:
     for line in dumpfile.describe(manifest):
         display.out(line)
     if verify:
-        display.out("verified: every member's size and sha256 match")
+        display.out(f"verified: every member's size and {manifest.digest} digest match")

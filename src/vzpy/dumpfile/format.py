@@ -12,10 +12,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vzpy import __version__
+from vzpy.dumpfile.kio import DIGESTS
 from vzpy.host.cpu import host_cpu
 
 FORMAT_NAME = "vzpy-dump"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: members' digests are sha256; 2: the manifest's "digest" names their algorithm
+DIGEST = "blake3"  # what new dumps hash their members with
 MAGIC = b"VZPYDUMP"
 TRAILER_MAGIC = b"VZPYTAIL"
 # magic, format version, flags (0), manifest offset, manifest length, trailer offset, manifest sha256
@@ -29,21 +31,28 @@ CODECS = ("none", "zstd")
 CPU_TEXT_FIELDS = ("arch", "vendor", "model_name", "family", "model")
 LAST_TIMESTAMP = 253402300799  # 9999-12-31 23:59:59 UTC, the last second datetime can show
 _NAME_RE = re.compile(r"[A-Za-z0-9_.@+:=-]{1,255}")
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")  # sha256 and BLAKE3-256 alike: 32 bytes in lowercase hex
 
 
 @dataclass
 class Member:
-    """One file in the dump: `size`/`sha256` describe the original bytes, `stored_size` what the dump holds."""
+    """One file in the dump: `size`/`digest` describe the original bytes, `stored_size` what the dump holds.
+
+    `digest` is hex, of the manifest's digest algorithm; in the JSON it sits under the algorithm's name."""
 
     size: int
-    sha256: str
+    digest: str
     offset: int
     stored_size: int
     codec: str = "none"
 
+    def to_dict(self, algorithm: str) -> dict[str, Any]:
+        entry = asdict(self)
+        entry[algorithm] = entry.pop("digest")
+        return entry
 
-_MEMBER_FIELDS = frozenset(f.name for f in fields(Member))
+
+_MEMBER_FIELDS = ("size", "offset", "stored_size", "codec")  # and the digest, under the algorithm's name
 
 
 def _now() -> datetime:
@@ -67,6 +76,7 @@ class Manifest:
     cpu: dict[str, Any] = field(default_factory=lambda: host_cpu())
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    digest: str = DIGEST
     compression: str = "none"
     memory_bytes: int = 0
     members: dict[str, Member] = field(default_factory=dict)
@@ -78,7 +88,9 @@ class Manifest:
             self.created_unix = round(now.timestamp(), 3)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        data = asdict(self)
+        data["members"] = {name: member.to_dict(self.digest) for name, member in self.members.items()}
+        return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
@@ -87,14 +99,23 @@ class Manifest:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         known = {f.name for f in fields(cls)}
-        missing = sorted(known - {"extra"} - data.keys())
+        version_1 = data.get("format_version") == 1
+        optional = {"extra", "digest"} if version_1 else {"extra"}  # version 1 has no "digest": it is sha256
+        missing = sorted(known - optional - data.keys())
         if missing:
             raise ValueError(f"missing field {missing[0]}")
         for name, kind in _FIELD_TYPES.items():
             if name in data and not _is_a(data[name], kind):
                 raise ValueError(f"field {name} has the wrong type")
         values = {k: v for k, v in data.items() if k in known}
-        values["members"] = _parse_members(values["members"])
+        if version_1:
+            values["digest"] = "sha256"
+        if values["digest"] not in DIGESTS:
+            raise ValueError(
+                f"member digest algorithm {values['digest']!r} is not one this vzpy knows ({', '.join(DIGESTS)}); "
+                "read the dump with a newer vzpy"
+            )
+        values["members"] = _parse_members(values["members"], values["digest"])
         manifest = cls(**values)
         if manifest.format != FORMAT_NAME:
             raise ValueError(f"format is {manifest.format!r}, not {FORMAT_NAME!r}")
@@ -105,7 +126,7 @@ class Manifest:
 
 _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("ctid", "criu_version", "ct_config", "created", "vzpy_version", "kernel", "arch"), str),
-    **dict.fromkeys(("format", "compression"), str),
+    **dict.fromkeys(("format", "compression", "digest"), str),
     **dict.fromkeys(("format_version", "memory_bytes"), int),
     **dict.fromkeys(("cpu", "extra", "members"), dict),
     "processes": list,
@@ -119,21 +140,21 @@ def _is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-def _parse_members(raw: dict[str, Any]) -> dict[str, Member]:
+def _parse_members(raw: dict[str, Any], algorithm: str) -> dict[str, Member]:
     members = {}
     for name, entry in raw.items():
         if problem := name_problem(name):
             raise ValueError(f"member {name!r}: {problem}")
         if not isinstance(entry, dict):
             raise ValueError(f"member {name}: not an object")
-        missing = sorted(_MEMBER_FIELDS - entry.keys())
+        missing = sorted({*_MEMBER_FIELDS, algorithm} - entry.keys())
         if missing:
             raise ValueError(f"member {name}: missing field {missing[0]}")
         # like the manifest's own fields, unknown ones are a newer writer's additions: ignored
-        member = Member(**{key: entry[key] for key in _MEMBER_FIELDS})
+        member = Member(digest=entry[algorithm], **{key: entry[key] for key in _MEMBER_FIELDS})
         ints = (member.size, member.offset, member.stored_size)
-        if not all(type(n) is int and n >= 0 for n in ints) or not _SHA_RE.fullmatch(str(member.sha256)):
-            raise ValueError(f"member {name}: bad size, offset or sha256")
+        if not all(type(n) is int and n >= 0 for n in ints) or not _DIGEST_RE.fullmatch(str(member.digest)):
+            raise ValueError(f"member {name}: bad size, offset or {algorithm}")
         if member.offset % ALIGN:
             raise ValueError(f"member {name}: offset {member.offset} is not a multiple of {ALIGN}")
         if member.codec not in CODECS or not _sizes_fit(member):

@@ -14,7 +14,9 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import blake3
 
 COPY_CHUNK = 64 << 20
 STREAM_CHUNK = 4 << 20
@@ -107,23 +109,46 @@ class FdWriter:
         return len(data)
 
 
-def hash_file(path: Path) -> tuple[int, str]:
+class Hasher(Protocol):
+    """A running hash: hashlib's and blake3's hashers alike."""
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> object: ...
+
+    def hexdigest(self) -> str: ...
+
+
+# Member digest algorithms by the name the manifest gives them. Both drop the GIL while they hash a large
+# buffer, so hashing overlaps with copying. blake3 stays single-threaded: its extra threads would compete with
+# CRIU and the copies for this host's cores.
+DIGESTS = ("sha256", "blake3")
+
+
+def hasher(algorithm: str) -> Hasher:
+    """A new running hash; ValueError for an algorithm not in DIGESTS."""
+    if algorithm == "sha256":
+        return hashlib.sha256()
+    if algorithm == "blake3":
+        return blake3.blake3(max_threads=1)
+    raise ValueError(f"unknown digest algorithm {algorithm!r}")
+
+
+def hash_file(path: Path, algorithm: str) -> tuple[int, str]:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        return size, hash_region(fd, 0, size)
+        return size, hash_region(fd, 0, size, algorithm)
     finally:
         os.close(fd)
 
 
-def hash_region(fd: int, offset: int, length: int) -> str:
-    """sha256 of a file range, hashed in place through mmap (no copy; hashlib drops the GIL meanwhile)."""
-    digest = hashlib.sha256()
+def hash_region(fd: int, offset: int, length: int, algorithm: str) -> str:
+    """The hex digest of a file range, hashed in place through mmap (no copy; the hasher drops the GIL meanwhile)."""
+    digest = hasher(algorithm)
     hash_region_into(digest, fd, offset, length)
     return digest.hexdigest()
 
 
-def hash_region_into(digest: Any, fd: int, offset: int, length: int) -> None:
+def hash_region_into(digest: Hasher, fd: int, offset: int, length: int) -> None:
     """Feed a file range to a running hash, in place through mmap. The range must lie inside the file."""
     if length:
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -133,7 +158,7 @@ def hash_region_into(digest: Any, fd: int, offset: int, length: int) -> None:
                 digest.update(region)
 
 
-def hash_read_into(digest: Any, fd: int, offset: int, length: int, buffer: bytearray) -> None:
+def hash_read_into(digest: Hasher, fd: int, offset: int, length: int, buffer: bytearray) -> None:
     """Feed a file range to a running hash, read through `buffer`. For data just written (hot in the page
     cache) this beats mmap: a copy into a cache-hot buffer costs less than faulting every page in."""
     view = memoryview(buffer)
@@ -190,8 +215,8 @@ class Oversize(Exception):
 class Sink:
     """Where a member is decompressed to: counted, then hashed and (unless verifying) written on worker threads."""
 
-    def __init__(self, out: int | None, limit: int) -> None:
-        self.limit, self.count, self.digest = limit, 0, hashlib.sha256()
+    def __init__(self, out: int | None, limit: int, algorithm: str) -> None:
+        self.limit, self.count, self.digest = limit, 0, hasher(algorithm)
         self.workers = [Worker(self.digest.update)]
         if out is not None:
             self.workers.append(Worker(lambda item: pwrite_all(out, item[1], item[0])))
@@ -210,7 +235,7 @@ class Sink:
             worker.stop()
 
     def finish(self) -> tuple[int, str]:
-        """Wait for the workers; (bytes, sha256) or the error one of them met."""
+        """Wait for the workers; (bytes, hex digest) or the error one of them met."""
         self.stop()
         for worker in self.workers:
             worker.check()

@@ -2,7 +2,8 @@
 
 read_manifest checks the structure: header (magic, version, reserved flags, bounds), manifest (checksum,
 fields), layout (members in order, aligned, inside the file), the padding between the parts (zeros), and
-the trailer. verify and extract also check each member's bytes against its size and sha256.
+the trailer. verify and extract also check each member's bytes against its size and digest (sha256 in format
+version 1, the algorithm the manifest names in version 2).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ def read_manifest(path: Path) -> Manifest:
 
 
 def verify(path: Path) -> Manifest:
-    """Check every member's size and sha256 too; writes nothing anywhere."""
+    """Check every member's size and digest too; writes nothing anywhere."""
     path = Path(path)
     with _open_dump(path) as (fd, manifest), ThreadPoolExecutor(2, thread_name_prefix="vzpy-verify") as pool:
         items = [(name, manifest.members[name]) for name in _in_file_order(manifest, manifest.members)]
-        digests = pool.map(lambda item: _member_digest(path, fd, item, None), items)
-        for (name, member), (size, sha256) in zip(items, digests, strict=True):
-            _check_member(path, name, member, size, sha256)
+        digests = pool.map(lambda item: _member_digest(path, fd, item, None, manifest.digest), items)
+        for (name, member), (size, digest) in zip(items, digests, strict=True):
+            _check_member(path, name, member, size, digest, manifest.digest)
     return manifest
 
 
@@ -72,7 +73,7 @@ def extract(path: Path, dest_dir: Path, *, only: Iterable[str] | None = None) ->
 def extract_checking_later(
     path: Path, dest_dir: Path, later: Callable[[str], bool], *, only: Iterable[str] | None = None
 ) -> tuple[Manifest, LateCheck]:
-    """extract(), except that the sha256 of the members `later` names is still being computed when it returns:
+    """extract(), except that the digests of the members `later` names are still being computed when it returns:
     the caller may use those files at once, and must call wait() on the LateCheck (which raises RestoreError
     on a bad member) before it trusts what it made of them. Every other member is checked before it returns.
     On failure, nothing is left behind (the caller removes dest_dir's files if wait() fails)."""
@@ -83,7 +84,7 @@ def extract_checking_later(
         now = [n for n in names if n not in deferred]
         made_dir = _make_dest(dest_dir)
         created: list[Path] = []
-        late = LateCheck(path, os.dup(fd))
+        late = LateCheck(path, os.dup(fd), manifest.digest)
         try:
             _extract_members(path, fd, manifest, now, dest_dir, created)
             for name in deferred:
@@ -102,24 +103,25 @@ def extract_checking_later(
 
 
 class LateCheck:
-    """The sha256 of extracted members, computed in a thread from the dump file's own bytes."""
+    """The digests of extracted members, computed in a thread from the dump file's own bytes."""
 
-    def __init__(self, path: Path, fd: int) -> None:
-        self._path, self._fd = path, fd
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256-late")
+    def __init__(self, path: Path, fd: int, algorithm: str) -> None:
+        self._path, self._fd, self._algorithm = path, fd, algorithm
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash-late")
         self._pending: list[tuple[str, Member, Future[str]]] = []
         self._closed = False
 
     def add(self, name: str, member: Member) -> None:
         if member.codec != "none":  # a compressed member is checked while it is decompressed, never later
             raise ValueError(f"{name} is compressed: it cannot be checked later")
-        self._pending.append((name, member, self._pool.submit(kio.hash_region, self._fd, member.offset, member.size)))
+        digest = self._pool.submit(kio.hash_region, self._fd, member.offset, member.size, self._algorithm)
+        self._pending.append((name, member, digest))
 
     def wait(self) -> None:
         """Block until every digest is in; RestoreError naming the first member whose bytes are not the dump's."""
         try:
             for name, member, digest in self._pending:
-                _check_member(self._path, name, member, member.size, digest.result())
+                _check_member(self._path, name, member, member.size, digest.result(), self._algorithm)
         finally:
             self.close()
 
@@ -163,7 +165,8 @@ def _extract_members(
     path: Path, fd: int, manifest: Manifest, names: list[str], dest_dir: Path, created: list[Path]
 ) -> None:
     # Plain members: the hasher reads the dump's range through mmap while the kernel copies the same range.
-    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256") as pool:
+    algorithm = manifest.digest
+    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
         pending: list[tuple[str, Member, Future[str]]] = []
         try:
             for name in names:
@@ -173,15 +176,17 @@ def _extract_members(
                 created.append(target)
                 try:
                     if member.codec == "none":
-                        pending.append((name, member, pool.submit(kio.hash_region, fd, member.offset, member.size)))
+                        digest = pool.submit(kio.hash_region, fd, member.offset, member.size, algorithm)
+                        pending.append((name, member, digest))
                         copied = kio.copy_range(fd, out, member.offset, 0, member.size)
-                        _check_member(path, name, member, copied, None)
+                        _check_size(path, name, member, copied)
                     else:
-                        _check_member(path, name, member, *_member_digest(path, fd, (name, member), out))
+                        size, hexdigest = _member_digest(path, fd, (name, member), out, algorithm)
+                        _check_member(path, name, member, size, hexdigest, algorithm)
                 finally:
                     os.close(out)
             for name, member, digest in pending:
-                _check_member(path, name, member, member.size, digest.result())
+                _check_member(path, name, member, member.size, digest.result(), algorithm)
         finally:
             for _, _, digest in pending:
                 digest.cancel()
@@ -191,18 +196,19 @@ def _copy_plain_member(path: Path, fd: int, name: str, member: Member, target: P
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     created.append(target)
     try:
-        _check_member(path, name, member, kio.copy_range(fd, out, member.offset, 0, member.size), None)
+        copied = kio.copy_range(fd, out, member.offset, 0, member.size)
+        _check_size(path, name, member, copied)  # its digest is the LateCheck's
     finally:
         os.close(out)
 
 
-def _member_digest(path: Path, fd: int, item: tuple[str, Member], out: int | None) -> tuple[int, str]:
-    """(size, sha256) of a member's original bytes; decompressed into `out` on the way when given."""
+def _member_digest(path: Path, fd: int, item: tuple[str, Member], out: int | None, algorithm: str) -> tuple[int, str]:
+    """(size, hex digest) of a member's original bytes; decompressed into `out` on the way when given."""
     name, member = item
     if member.codec == "none":
-        return member.stored_size, kio.hash_region(fd, member.offset, member.stored_size)
+        return member.stored_size, kio.hash_region(fd, member.offset, member.stored_size, algorithm)
     _check_zstd_frame(path, fd, name, member)
-    sink = kio.Sink(out, member.size)
+    sink = kio.Sink(out, member.size, algorithm)
     try:
         _decompress(path, fd, name, member, sink)
     except BaseException:
@@ -249,11 +255,16 @@ def _check_zstd_frame(path: Path, fd: int, name: str, member: Member) -> None:
         raise _corrupt(path, f"{name} is not one complete zstd frame")
 
 
-def _check_member(path: Path, name: str, member: Member, size: int, sha256: str | None) -> None:
+def _check_member(path: Path, name: str, member: Member, size: int, digest: str, algorithm: str) -> None:
+    """The member's size and its digest (hex, of `algorithm`)."""
+    _check_size(path, name, member, size)
+    if digest != member.digest:
+        raise _corrupt(path, f"{algorithm} mismatch in {name}")
+
+
+def _check_size(path: Path, name: str, member: Member, size: int) -> None:
     if size != member.size:
         raise _corrupt(path, f"{name} has {size} bytes, the manifest says {member.size}")
-    if sha256 is not None and sha256 != member.sha256:
-        raise _corrupt(path, f"sha256 mismatch in {name}")
 
 
 # --- structure

@@ -3,7 +3,7 @@
 Before the dump, named FIFOs pages-1.img .. pages-K.img wait in CRIU's image directory (CRIU numbers its
 pages images from 1, one counter for processes and shared memory). CRIU opens them as it would its files
 and splices the pages in; a pump thread splices them on into the dump file, one member after the other
-from a reserved offset, and a hasher thread reads each range back from the page cache (sha256) and starts
+from a reserved offset, and a hasher thread reads each range back from the page cache (format.DIGEST) and starts
 its writeback. So the dump file is the only write, and the disk works while CRIU still dumps.
 
 Every FIFO is drained continuously, or CRIU would block. Only one member can grow at the end of the file:
@@ -15,7 +15,6 @@ draining: the rest goes to /dev/null, CRIU finishes (the CT is left intact) and 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import queue
 import select
@@ -28,7 +27,7 @@ from pathlib import Path
 
 from vzpy import proc
 from vzpy.dumpfile import keeper, kio
-from vzpy.dumpfile.format import ALIGN, round_up
+from vzpy.dumpfile.format import ALIGN, DIGEST, round_up
 from vzpy.errors import ChkpntError
 
 F_SETPIPE_SZ = 1031
@@ -69,7 +68,7 @@ class Streamed:
     name: str
     offset: int
     size: int
-    sha256: str
+    digest: str  # hex, of format.DIGEST
 
 
 class _Fifo:
@@ -87,7 +86,7 @@ class _Fifo:
 
 
 class _Hasher:
-    """sha256 of the ranges the pump wrote, read back from the page cache; and their writeback started.
+    """The digests (format.DIGEST) of the ranges the pump wrote, read back from the page cache; their writeback.
 
     Writeback runs on a thread of its own: sync_file_range blocks while the disk's queue is full, and neither
     the pump nor the hash may wait for the disk.
@@ -97,12 +96,12 @@ class _Hasher:
         self.fd = fd  # readable; writeback is started through it too
         self.digests: dict[str, str] = {}
         self.error: BaseException | None = None
-        self._running: dict[str, hashlib._Hash] = {}
+        self._running: dict[str, kio.Hasher] = {}
         self._buffer = bytearray(HASH_BUFFER)
         self._queue: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
         self._written: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self.threads = [
-            threading.Thread(target=self._hash, name="vzpy-stream-sha256", daemon=True),
+            threading.Thread(target=self._hash, name="vzpy-stream-hash", daemon=True),
             threading.Thread(target=self._writeback, name="vzpy-stream-writeback", daemon=True),
         ]
 
@@ -138,7 +137,9 @@ class _Hasher:
 
     def _hash_one(self, name: str, offset: int, length: int) -> None:
         try:
-            digest = self._running.setdefault(name, hashlib.sha256())
+            if name not in self._running:
+                self._running[name] = kio.hasher(DIGEST)
+            digest = self._running[name]
             if offset < 0:
                 self.digests[name] = digest.hexdigest()
             else:

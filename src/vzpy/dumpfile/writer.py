@@ -15,6 +15,7 @@ from vzpy import fileio
 from vzpy.dumpfile import kio, stream
 from vzpy.dumpfile.format import (
     ALIGN,
+    DIGEST,
     FORMAT_VERSION,
     HEADER,
     MAGIC,
@@ -68,6 +69,8 @@ def write_dumpfile(
     sources = _collect_sources(Path(images_dir), extra_members or {}, compress)
     manifest = replace(
         manifest,
+        format_version=FORMAT_VERSION,
+        digest=DIGEST,
         compression="zstd" if compress else "none",
         memory_bytes=memory_bytes({s.name: s.size for s in sources}),
     )
@@ -149,11 +152,11 @@ def _pack_rest(
 ) -> Manifest:
     """The images CRIU wrote as files and the extra members after the streamed ones, then the manifest."""
     sources = _collect_sources(images_dir, extra, compress=False)
-    members = {s.name: Member(s.size, s.sha256, s.offset, s.size) for s in streamed}
+    members = {s.name: Member(s.size, s.digest, s.offset, s.size) for s in streamed}
     if clash := members.keys() & {s.name for s in sources}:
         raise ChkpntError(f"dump member {sorted(clash)[0]} was both streamed and written as a file")
-    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256") as pool:
-        hashes = [pool.submit(kio.hash_file, s.path) for s in sources]
+    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
+        hashes = [pool.submit(kio.hash_file, s.path, DIGEST) for s in sources]
         try:
             placed = _place_members(fd, sources, pump.end, None, progress)
         except BaseException:
@@ -164,6 +167,8 @@ def _pack_rest(
     start = min([pump.data_start] + [m.offset for m in members.values()])
     manifest = replace(
         manifest,
+        format_version=FORMAT_VERSION,
+        digest=DIGEST,
         compression="none",
         memory_bytes=memory_bytes({name: m.size for name, m in members.items()}),
         members=dict(sorted(members.items())),
@@ -257,8 +262,8 @@ def _pack(
     progress: Callable[[str], None] | None,
 ) -> Manifest:
     # The hasher reads each source while the main thread copies it: two cores, one pass each.
-    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-sha256") as pool:
-        hashes = [pool.submit(kio.hash_file, s.path) for s in sources]
+    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
+        hashes = [pool.submit(kio.hash_file, s.path, DIGEST) for s in sources]
         try:
             placed = _place_members(fd, sources, data_start, zstd, progress)
         except BaseException:
@@ -326,11 +331,11 @@ def _compress_member(fd: int, source: _Source, pos: int, compressor: Any) -> int
 
 
 def _member(source: _Source, where: tuple[int, int, str], digest: Future[tuple[int, str]]) -> Member:
-    size, sha256 = digest.result()
+    size, hexdigest = digest.result()
     if size != source.size:
         raise ChkpntError(f"{source.path} changed size while it was being packed")
     offset, stored_size, codec = where
-    return Member(size=size, sha256=sha256, offset=offset, stored_size=stored_size, codec=codec)
+    return Member(size=size, digest=hexdigest, offset=offset, stored_size=stored_size, codec=codec)
 
 
 def _finish(fd: int, manifest_json: bytes, data_start: int, trailer_offset: int) -> None:

@@ -16,7 +16,8 @@ followed, and what the CT controls (comm, paths) is only shown, sanitized.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,10 @@ SOCKET_TABLES = {
     "netlink": 9,
 }
 SHOWN_FDS = 3  # fds named per task in a message; the rest are counted
+# A task forked after the cgroup was read is in the tree but not in that read: the cgroup is read again (the
+# kernel links a new task into its parent's cgroup just after its parent's children list, so once more later)
+CGROUP_REREADS = 3
+CGROUP_REREAD_PAUSE = 0.02
 MAX_SHOWN_CHARS = 64
 
 
@@ -68,6 +73,7 @@ class TaskStatus:
     ns_pids: tuple[int, ...]  # outermost namespace first
     ns_pgids: tuple[int, ...]
     ns_sids: tuple[int, ...]
+    zombie: bool = False  # exited, not reaped yet: in its parent's children, in no cgroup's cgroup.procs
 
     @classmethod
     def parse(cls, text: str) -> TaskStatus:
@@ -86,6 +92,7 @@ class TaskStatus:
             ns_pids=numbers("NSpid"),
             ns_pgids=numbers("NSpgid"),
             ns_sids=numbers("NSsid"),
+            zombie=fields.get("State", "").startswith("Z"),
         )
 
 
@@ -174,7 +181,9 @@ def blockers(ct: Container) -> list[Blocker]:
     if not state.init_alive():
         return []
     view = CtView(state.init_pid)
-    return find_blockers(view, ct.cgroups.pids(), can_dump_other_uids=_can_dump_other_uids())
+    return find_blockers(
+        view, ct.cgroups.pids(), can_dump_other_uids=_can_dump_other_uids(), reread_cgroup=ct.cgroups.pids
+    )
 
 
 def require_dumpable(ct: Container) -> None:
@@ -193,20 +202,54 @@ def _can_dump_other_uids() -> bool:
     return has_capability(CAP_SYS_RESOURCE)
 
 
-def find_blockers(view: CtView, cgroup_pids: Iterable[int], *, can_dump_other_uids: bool) -> list[Blocker]:
-    """Blockers among the CT's cgroup members and the init's process tree (what CRIU dumps)."""
+def find_blockers(
+    view: CtView,
+    cgroup_pids: Iterable[int],
+    *,
+    can_dump_other_uids: bool,
+    reread_cgroup: Callable[[], Iterable[int]] | None = None,
+) -> list[Blocker]:
+    """Blockers among the CT's cgroup members and the init's process tree (what CRIU dumps).
+    `reread_cgroup`: the cgroup's members now, for tasks of the tree forked after `cgroup_pids` was read."""
     in_cgroup = set(cgroup_pids)
     tree = process_tree(view.proc, view.init_pid)
+    if reread_cgroup is not None:
+        in_cgroup |= _late_forks(view, tree, in_cgroup, reread_cgroup)
     found: list[Blocker] = []
     for pid in sorted(in_cgroup | set(tree)):
         try:
             if pid not in in_cgroup:
-                found.append(_outside_cgroup(view, pid))
+                found.extend(_outside_cgroup(view, pid))
             else:
                 found.extend(_task_blockers(view, pid, can_dump_other_uids))
         except OSError:
             continue  # the task exited meanwhile (or is a zombie): nothing of it to dump
     return found
+
+
+def _late_forks(
+    view: CtView, tree: list[int], in_cgroup: set[int], reread_cgroup: Callable[[], Iterable[int]]
+) -> set[int]:
+    """The cgroup's members, read again (a few times) while live tasks of the tree are missing from `in_cgroup`."""
+    missing = {pid for pid in tree if pid not in in_cgroup and _alive(view, pid)}
+    found: set[int] = set()
+    for attempt in range(CGROUP_REREADS):
+        if not missing:
+            break
+        if attempt:
+            time.sleep(CGROUP_REREAD_PAUSE)
+        now = set(reread_cgroup())
+        found |= now
+        missing -= now
+    return found
+
+
+def _alive(view: CtView, pid: int) -> bool:
+    """Not exited, nor a zombie."""
+    try:
+        return not read_status(view.proc, pid).zombie
+    except OSError:
+        return False
 
 
 def process_tree(proc: Path, root: int, limit: int = 1 << 16) -> list[int]:
@@ -228,9 +271,11 @@ def process_tree(proc: Path, root: int, limit: int = 1 << 16) -> list[int]:
     return found
 
 
-def _outside_cgroup(view: CtView, pid: int) -> Blocker:
+def _outside_cgroup(view: CtView, pid: int) -> Iterator[Blocker]:
     status = read_status(view.proc, pid)
-    return Blocker(
+    if status.zombie:  # CRIU dumps it like any zombie of the tree
+        return
+    yield Blocker(
         pid,
         status.comm,
         "cgroup",

@@ -145,6 +145,25 @@ def test_a_task_that_exited_meanwhile_is_skipped(proc: FakeProc) -> None:
     assert reasons(proc, [INIT, 4242]) == []
 
 
+def test_a_zombie_of_the_tree_is_in_no_cgroup_and_no_blocker(proc: FakeProc) -> None:
+    """cgroup.procs never lists zombies: a child exited and not reaped yet is dumped like any zombie."""
+    proc.task(1001, "forker", parent=INIT)
+    status = proc.root / "1001" / "status"
+    status.write_text(status.read_text().replace("State:\tS (sleeping)", "State:\tZ (zombie)"))
+    proc.task(1002, "sleep", parent=INIT)  # alive and outside: still named
+    assert reasons(proc, [INIT]) == [(1002, "cgroup")]
+
+
+def test_a_task_forked_after_the_cgroup_was_read_is_found_in_it_read_again(proc: FakeProc) -> None:
+    proc.task(1001, "forker", parent=INIT)
+    view = CtView(INIT, proc=proc.root)
+    reads = iter([[INIT], [INIT, 1001]])  # the kernel adds a new task to its cgroup just after the tree
+    found = find_blockers(view, [INIT], can_dump_other_uids=True, reread_cgroup=lambda: next(reads))
+    assert found == []
+    never = find_blockers(view, [INIT], can_dump_other_uids=True, reread_cgroup=lambda: [INIT])
+    assert [(b.pid, b.reason) for b in never] == [(1001, "cgroup")]
+
+
 def test_ct_controlled_names_are_shown_sanitized() -> None:
     text = status_text("evil\x1b[2J\x07", ns_pid=(5, 2))
     assert TaskStatus.parse(text).comm == "evil?[2J?"

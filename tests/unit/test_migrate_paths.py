@@ -70,6 +70,40 @@ def test_a_path_asked_for_that_cannot_be_taken_is_a_one_line_error(
     assert isinstance(info.value, MigrateUsage)
 
 
+def test_a_ct_that_forks_fast_never_takes_post_copy() -> None:
+    both = (facts(dirty=True, lazy=True), facts(lazy=True))
+    assert paths.fork_rate_blocker("151", paths.POSTCOPY_MAX_FORKS_PER_SECOND - 0.5) is None
+    fast = paths.fork_rate_blocker("151", 120.0)
+    assert fast is not None and "CT 151" in fast and "120 processes a second" in fast
+    with pytest.raises(paths.PathUnavailable) as info:
+        paths.choose(*both, "post-copy", ct_postcopy_blocker=fast)
+    assert "lazy-pages" in info.value.message and info.value.message.endswith("use --precopy")
+    assert paths.choose(*both, postcopy_allowed=True, ct_postcopy_blocker=fast).path == "pre-copy"
+    only_stop = paths.choose(facts(lazy=True), facts(lazy=True), postcopy_allowed=True, ct_postcopy_blocker=fast)
+    assert only_stop.path == "stop-and-copy"
+
+
+class _Cgroups:
+    """A CT whose cgroup gains `per_read` new processes at every read (each lives until the next read)."""
+
+    def __init__(self, per_read: int) -> None:
+        self.per_read, self.next_pid = per_read, 1000
+
+    def pids(self) -> list[int]:
+        pids = list(range(self.next_pid, self.next_pid + self.per_read))
+        self.next_pid += self.per_read
+        return [1, *pids]
+
+
+def test_fork_rate_counts_processes_that_appear_in_the_cgroup() -> None:
+    from vzpy.migrate.preflight import fork_rate
+
+    busy: Any = type("Ct", (), {"cgroups": _Cgroups(per_read=2)})()
+    idle: Any = type("Ct", (), {"cgroups": _Cgroups(per_read=0)})()
+    assert fork_rate(busy, seconds=0.1) > paths.POSTCOPY_MAX_FORKS_PER_SECOND
+    assert fork_rate(idle, seconds=0.1) == 0
+
+
 def test_stop_and_copy_can_always_be_asked_for() -> None:
     assert paths.choose(facts(dirty=True, lazy=True), facts(lazy=True), "stop-and-copy").path == "stop-and-copy"
 

@@ -66,7 +66,15 @@ from vzpy.migrate import (
     precopy,
 )
 from vzpy.migrate.finalsync import FinalSync
-from vzpy.migrate.preflight import SourceFacts, check, disk_usage, dump_blockers, raise_blocking, read_cpu_flags
+from vzpy.migrate.preflight import (
+    SourceFacts,
+    check,
+    disk_usage,
+    dump_blockers,
+    fork_rate,
+    raise_blocking,
+    read_cpu_flags,
+)
 from vzpy.migrate.remote import RemoteAgent, agent_argv, connect_agent
 from vzpy.migrate.rsync import Transfer, sync_tree
 from vzpy.migrate.ssh import OpenSsh, SshSession, Target
@@ -472,7 +480,11 @@ class Migration:
             ours, unknown = source_migration_facts(self.ct), []
         except VzError as e:  # the dump will say what is wrong with CRIU here; only stop-and-copy is sure
             ours, unknown = {}, [f"this host's CRIU facts are unknown: {e.message}"]
-        choice = paths.choose(ours, theirs, self.opts.path, postcopy_allowed=allowed)
+        ct_blocker = None
+        wanted = self.opts.path == paths.POST_COPY or (self.opts.path is None and allowed)
+        if wanted and paths.postcopy_blocker(ours, theirs) is None:
+            ct_blocker = paths.fork_rate_blocker(self.ct.ctid, fork_rate(self.ct))
+        choice = paths.choose(ours, theirs, self.opts.path, postcopy_allowed=allowed, ct_postcopy_blocker=ct_blocker)
         self.path = self.summary.path = choice.path
         self.summary.path_reasons = [*unknown, *choice.reasons]
         for reason in self.summary.path_reasons:

@@ -26,7 +26,13 @@ POST_COPY = "post-copy"
 STOP_AND_COPY = "stop-and-copy"
 OFFLINE = "offline"
 PATHS = (PRE_COPY, POST_COPY, STOP_AND_COPY)
+OPTIONS = {PRE_COPY: "--precopy", POST_COPY: "--postcopy", STOP_AND_COPY: "--stop-and-copy"}  # vzpy migrate's
 POLICY_KEY = "VZPY_MIGRATE_POSTCOPY"  # VZPY_: vz.conf takes it without an "unknown" warning
+# CRIU 4.2.1's lazy-pages daemon gets an fd and a copy of the missing-pages list for every child a restored
+# task forks, and lets go of them only when a copy to the child fails: in the lab a CT forking ~100 times a
+# second ran it out of fds within a minute ("Can't read uffd message: Too many open files") and lost the CT.
+# Raising its fd limit only moved the failure: the copies filled the destination's memory.
+POSTCOPY_MAX_FORKS_PER_SECOND = 20
 
 
 class PathUnavailable(MigrateUsage):
@@ -66,20 +72,37 @@ def postcopy_blocker(source: Mapping[str, Any], dest: Mapping[str, Any]) -> str 
     return None
 
 
+def fork_rate_blocker(ctid: str, forks_per_second: float) -> str | None:
+    """Post-copy of a CT that forks this often: see POSTCOPY_MAX_FORKS_PER_SECOND."""
+    if forks_per_second < POSTCOPY_MAX_FORKS_PER_SECOND:
+        return None
+    return (
+        f"CT {ctid} starts about {forks_per_second:.0f} processes a second, and CRIU's lazy-pages daemon keeps an "
+        "fd and a copy of the missing memory for every forked child until it runs out"
+    )
+
+
 def choose(
-    source: Mapping[str, Any], dest: Mapping[str, Any], requested: str | None = None, *, postcopy_allowed: bool = False
+    source: Mapping[str, Any],
+    dest: Mapping[str, Any],
+    requested: str | None = None,
+    *,
+    postcopy_allowed: bool = False,
+    ct_postcopy_blocker: str | None = None,
 ) -> PathChoice:
-    """The path between hosts with these facts; PathUnavailable when `requested` cannot be taken."""
+    """The path between hosts with these facts; PathUnavailable when `requested` cannot be taken.
+    `ct_postcopy_blocker`: why the CT itself cannot take post-copy (fork_rate_blocker), if it cannot."""
     blocked: dict[str, str | None] = {
         PRE_COPY: precopy_blocker(source, dest),
-        POST_COPY: postcopy_blocker(source, dest),
+        POST_COPY: postcopy_blocker(source, dest) or ct_postcopy_blocker,
         STOP_AND_COPY: None,
     }
     reasons = [f"{path}: {'possible' if why is None else 'impossible, ' + why}" for path, why in blocked.items()]
     if requested is not None:
         why = blocked[requested]
         if why is not None:
-            raise PathUnavailable(f"--{requested.replace('-', '')} is impossible here: {why}; use --stop-and-copy")
+            other = PRE_COPY if requested != PRE_COPY and blocked[PRE_COPY] is None else STOP_AND_COPY
+            raise PathUnavailable(f"{OPTIONS[requested]} is impossible here: {why}; use {OPTIONS[other]}")
         return PathChoice(requested, [*reasons, f"{requested}: asked for"], blocked)
     if blocked[POST_COPY] is None and postcopy_allowed:
         path, why = POST_COPY, f"{POST_COPY}: allowed by vz.conf {POLICY_KEY}=yes"

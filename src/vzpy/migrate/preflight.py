@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,3 +263,21 @@ def _ip(exists: Mapping[str, Any], where: str) -> list[Problem]:
         return []
     listed = ", ".join(f"{ip} (CT {ctid})" for ip, ctid in sorted(used.items()))
     return [Problem("ip", f"IP address(es) already in use on {where}: {listed}", IpInUseRemote)]
+
+
+FORK_SAMPLE_SECONDS = 1.0
+FORK_SAMPLE_INTERVAL = 0.005
+
+
+def fork_rate(ct: Container, seconds: float = FORK_SAMPLE_SECONDS) -> float:
+    """New processes per second in the CT, sampled from its cgroup for `seconds`: a lower bound, since a child
+    that lives and dies between two reads is not seen (the kernel's own counts are not per cgroup in v1)."""
+    known = set(ct.cgroups.pids())
+    started = time.monotonic()
+    new = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        current = set(ct.cgroups.pids())
+        new += len(current - known)
+        known |= current
+        time.sleep(FORK_SAMPLE_INTERVAL)
+    return new / max(elapsed, 1e-3)

@@ -1,4 +1,4 @@
-"""Build the workloads (fidelity.c, dirtier.c): statically linked binaries, cached by the hash of source and flags."""
+"""Build the workloads (the .c files beside this module): static binaries, cached by the hash of source and flags."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fidelity.c")
 DIRTIER_SOURCE = Path(__file__).with_name("dirtier.c")
+FORKER_SOURCE = Path(__file__).with_name("forker.c")
 CFLAGS: tuple[str, ...] = ("-std=gnu11", "-static", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror")
 LIBS: tuple[str, ...] = ("-lm",)
 
@@ -39,6 +40,11 @@ def build_fidelity(out_dir: Path) -> Path:
 def build_dirtier(out_dir: Path) -> Path:
     """Compile dirtier.c (memory that keeps being rewritten, for pre-copy) into out_dir; the binary's path."""
     return _build(DIRTIER_SOURCE, out_dir)
+
+
+def build_forker(out_dir: Path) -> Path:
+    """Compile forker.c (children forked every 20 ms checking inherited memory, for post-copy) into out_dir."""
+    return _build(FORKER_SOURCE, out_dir)
 
 
 def _build(source: Path, out_dir: Path) -> Path:

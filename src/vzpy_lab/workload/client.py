@@ -172,16 +172,22 @@ class DirtierError(FidelityError):
     """The dirtier's memory is not what it must be, or it did not answer."""
 
 
-def dirtier_generation(host: str, port: int, connect: Connector = default_connect, timeout: float = 60.0) -> int:
-    """Every page of the dirtier's memory (dirtier.c) holds what it must: its rewrite generation."""
+def ask_line(host: str, port: int, connect: Connector, timeout: float) -> bytes:
+    """Connect and read the one line a workload answers with (dirtier.c, forker.c); what came if it closes early."""
     with connect((host, port), timeout) as sock:
         sock.settimeout(timeout)
         reply = b""
         while not reply.endswith(b"\n"):
-            chunk = sock.recv(64)
+            chunk = sock.recv(512)
             if not chunk:
                 break
             reply += chunk
+    return reply
+
+
+def dirtier_generation(host: str, port: int, connect: Connector = default_connect, timeout: float = 60.0) -> int:
+    """Every page of the dirtier's memory (dirtier.c) holds what it must: its rewrite generation."""
+    reply = ask_line(host, port, connect, timeout)
     words = reply.decode(errors="replace").split()
     if words[:1] != ["OK"] or len(words) < 2:
         raise DirtierError(f"the dirtier's memory is not intact: {reply!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from vzpy_lab.workload.client import Connector, FidelityError, default_connect
+from vzpy_lab.workload.client import Connector, FidelityError, ask_line, default_connect
 
 COUNTERS: tuple[str, ...] = (
     "forks",
@@ -60,15 +60,7 @@ def parse_status(line: str) -> ForkerStatus:
 
 def forker_status(host: str, port: int, connect: Connector = default_connect, timeout: float = 120.0) -> ForkerStatus:
     """Ask the forker for its counters (it checks every page of its memory first)."""
-    with connect((host, port), timeout) as sock:
-        sock.settimeout(timeout)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = sock.recv(512)
-            if not chunk:
-                break
-            reply += chunk
-    return parse_status(reply.decode(errors="replace"))
+    return parse_status(ask_line(host, port, connect, timeout).decode(errors="replace"))
 
 
 def wait_for_forker(

@@ -155,15 +155,7 @@ def _pack_rest(
     members = {s.name: Member(s.size, s.digest, s.offset, s.size) for s in streamed}
     if clash := members.keys() & {s.name for s in sources}:
         raise ChkpntError(f"dump member {sorted(clash)[0]} was both streamed and written as a file")
-    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
-        hashes = [pool.submit(kio.hash_file, s.path, DIGEST) for s in sources]
-        try:
-            placed = _place_members(fd, sources, pump.end, None, progress)
-        except BaseException:
-            for future in hashes:
-                future.cancel()
-            raise
-        members |= {s.name: _member(s, where, future) for s, where, future in zip(sources, placed, hashes, strict=True)}
+    members |= _write_members(fd, sources, pump.end, None, progress)
     start = min([pump.data_start] + [m.offset for m in members.values()])
     manifest = replace(
         manifest,
@@ -261,20 +253,26 @@ def _pack(
     zstd: Any,
     progress: Callable[[str], None] | None,
 ) -> Manifest:
-    # The hasher reads each source while the main thread copies it: two cores, one pass each.
-    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
-        hashes = [pool.submit(kio.hash_file, s.path, DIGEST) for s in sources]
-        try:
-            placed = _place_members(fd, sources, data_start, zstd, progress)
-        except BaseException:
-            for future in hashes:  # only on failure: on success every hash is still wanted
-                future.cancel()
-            raise
-        members = {s.name: _member(s, where, future) for s, where, future in zip(sources, placed, hashes, strict=True)}
+    members = _write_members(fd, sources, data_start, zstd, progress)
     trailer_offset = max([data_start] + [m.offset + m.stored_size for m in members.values()])
     manifest = replace(manifest, members=members)
     _finish(fd, manifest.to_json().encode(), data_start, trailer_offset)
     return manifest
+
+
+def _write_members(
+    fd: int, sources: list[_Source], start: int, zstd: Any, progress: Callable[[str], None] | None
+) -> dict[str, Member]:
+    """Place the sources from `start` on, each hashed while it is copied: two cores, one pass each."""
+    with ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash") as pool:
+        hashes = [pool.submit(kio.hash_file, s.path, DIGEST) for s in sources]
+        try:
+            placed = _place_members(fd, sources, start, zstd, progress)
+        except BaseException:
+            for future in hashes:  # only on failure: on success every hash is still wanted
+                future.cancel()
+            raise
+        return {s.name: _member(s, where, future) for s, where, future in zip(sources, placed, hashes, strict=True)}
 
 
 def _place_members(

@@ -5,6 +5,8 @@ Each Blocker names one task (host pid, comm), what is wrong and how to fix it, i
   rlimits: "Can't get rlimit 0");
 - a task in the CT's cgroup but outside its PID namespace, or in the CT's process tree but not in its
   cgroup (CRIU cannot seize a task the freezer left running);
+- a task of the CT whose parent is outside it (a `vzpy exec` command still running): CRIU dumps the init's
+  tree only, so it and its children would be lost;
 - a task whose session or process group leader is outside the CT's PID namespace;
 - an fd on a file of a mount the CT does not have (a host file, the host's /dev/null or terminal);
 - an fd on a socket of the host's network namespace.
@@ -59,7 +61,7 @@ class NotDumpable(ChkpntError):
 class Blocker:
     pid: int  # on the host
     comm: str  # sanitized
-    reason: str  # uid, pidns, cgroup, session, pgrp, host-file, host-socket
+    reason: str  # uid, pidns, cgroup, parent, session, pgrp, host-file, host-socket
     message: str  # one line: what is wrong and how to fix it
 
 
@@ -73,6 +75,7 @@ class TaskStatus:
     ns_pids: tuple[int, ...]  # outermost namespace first
     ns_pgids: tuple[int, ...]
     ns_sids: tuple[int, ...]
+    ppid: int = 0  # as the host sees it
     zombie: bool = False  # exited, not reaped yet: in its parent's children, in no cgroup's cgroup.procs
 
     @classmethod
@@ -92,6 +95,7 @@ class TaskStatus:
             ns_pids=numbers("NSpid"),
             ns_pgids=numbers("NSpgid"),
             ns_sids=numbers("NSsid"),
+            ppid=int(fields.get("PPid") or 0),
             zombie=fields.get("State", "").startswith("Z"),
         )
 
@@ -296,6 +300,8 @@ def _task_blockers(view: CtView, pid: int, can_dump_other_uids: bool) -> Iterato
             "end it or move it out of the CT's cgroups",
         )
         return
+    if pid != view.init_pid:
+        yield from _parent_blocker(view, pid, status, who)
     if not can_dump_other_uids:
         yield from _uid_blocker(pid, status, who)
     yield from _session_blockers(pid, status, who, view.level)
@@ -312,6 +318,23 @@ def _in_ct_pidns(view: CtView, pid: int, status: TaskStatus) -> bool:
         return True
     # deeper: a PID namespace nested in the CT's, CRIU's to judge
     return len(status.ns_pids) > view.level + 1
+
+
+def _parent_blocker(view: CtView, pid: int, status: TaskStatus, who: str) -> Iterator[Blocker]:
+    try:
+        parent_levels = len(read_status(view.proc, status.ppid).ns_pids) if status.ppid else view.level + 1
+    except OSError:
+        return  # the parent exited: the task goes to the CT's init
+    if parent_levels > view.level:
+        return
+    yield Blocker(
+        pid,
+        status.comm,
+        "parent",
+        f"{who} was started by a `vzpy exec` or `vzpy enter` still running on the host, outside the CT's process "
+        "tree, so CRIU would not dump it: let that command end, or start it detached "
+        "(`vzpy exec CTID 'setsid CMD </dev/null >/dev/null 2>&1 &'`)",
+    )
 
 
 def _uid_blocker(pid: int, status: TaskStatus, who: str) -> Iterator[Blocker]:

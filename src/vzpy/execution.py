@@ -37,7 +37,9 @@ from vzpy.runtime.cgroups import CGROUP_ROOT, CONTROLLERS
 from vzpy.runtime.launcher import CT_ENV
 from vzpy.stage import Stage
 
-JOIN_ORDER = ("ipc", "uts", "net", "pid", "mnt")
+# time: a restored CT runs in the time namespace CRIU made for it (its clocks go on from the dump); a command
+# left in the host's would see other clocks, and CRIU could not restore it ("Can't restore sub-task in NS")
+JOIN_ORDER = ("ipc", "uts", "net", "pid", "time", "mnt")
 SHELLS = ("/bin/bash", "/bin/sh")
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 # After the command exits, output still arriving is relayed this long; a daemon it left holding the

@@ -102,6 +102,9 @@ def ct_on_a(host_a: TestHost, host_b: TestHost, test_network: TestNetwork) -> It
     finally:
         for host in (host_a, host_b):
             host.remove_ct(CTID)
+            for planted in host.path("/vz/private").glob(f"{CTID}.migrated*"):
+                if planted.is_symlink() or not planted.is_dir():  # remove_ct leaves them
+                    planted.unlink()
         shutil.rmtree(host_a.path("/vz/hostdir"), ignore_errors=True)
 
 
@@ -163,3 +166,40 @@ def test_a_failed_migration_back_leaves_the_old_area_as_it_was(host_a, host_b, c
     wait_until(lambda: status(host_a) == "absent" and not host_a.path(f"/vz/dump/Migrate.{CTID}").exists())
     assert area_state(old) == before
     assert not host_a.path(f"/vz/private/{CTID}").exists()
+
+
+def plant_at_old_area(old: Path, kind: str) -> None:
+    """What may stand at PRIVATE.migrated and not qualify as rsync's basis: a symlink or a file planted in the
+    old area's place, or the old area itself owned by another user (a CT may chown its own /)."""
+    if kind == "chowned":
+        os.chown(old, 65534, 65534)
+        return
+    shutil.rmtree(old)
+    if kind == "symlink":
+        old.symlink_to("/vz/hostdir")
+    else:
+        old.write_bytes(b"not an area")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file", "chowned"])
+def test_migrating_back_retires_what_this_host_kept_of_the_ct(host_a, host_b, ct_on_a, kind: str) -> None:
+    """Once the CT is back, the old area at PRIVATE.migrated (used as the basis or not) and CTID.conf.migrated
+    are out of date: both go, a symlink as a link (what it names stays), so the next `-r no` can keep the area."""
+    write(host_a.path("/vz/hostdir/keep"), b"host")
+    old = leave_with_area_kept(host_a, host_b)
+    assert host_a.path(f"/etc/vz/conf/{CTID}.conf.migrated").is_file()
+    plant_at_old_area(old, kind)
+
+    back = migrate(host_b, host_a)
+    assert back.returncode == 0, back.stderr
+    assert status(host_a) == "running" and status(host_b) == "absent"
+    wait_until(lambda: not list(host_a.path("/vz/private").glob(f"{CTID}.migrated*")))
+    assert host_a.path("/vz/hostdir/keep").read_bytes() == b"host"
+
+    again = migrate(host_a, host_b, "--remove-area", "no")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert status(host_b) == "running" and host_a.path(f"/vz/private/{CTID}.migrated/data/file0").is_file()
+
+    migrate(host_b, host_a).check_returncode()
+    assert not host_a.path(f"/etc/vz/conf/{CTID}.conf.migrated").exists(), "a retired config of a CT that runs here"
+    assert host_b.path(f"/etc/vz/conf/{CTID}.conf.migrated").is_file()  # where it left: vzmigrate's

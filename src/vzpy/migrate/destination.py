@@ -147,15 +147,27 @@ def _uncommit(session: AgentSession, incoming: Incoming, ct: Container) -> None:
 
 
 def old_area(ctid: str, private: Path, gconf: GlobalConfig) -> Path | None:
-    """PRIVATE.migrated, kept here when the CT left with `-r no`, if it may serve as a basis and be retired
-    once the CT is back: a directory (not a symlink) owned by root (the agent), on the filesystem of
-    `private`'s parent, with nothing mounted in it, and no area of another CT (CTID "101.migrated" is valid)."""
-    old = private.with_name(private.name + OLD_AREA_SUFFIX)
+    """PRIVATE.migrated, kept here when the CT left with `-r no`, if it may serve as a basis: one that may be
+    retired (below), and a directory (not a symlink) owned by root (the agent), on the filesystem of
+    `private`'s parent."""
+    old = retirable_old_area(ctid, private, gconf)
+    if old is None:
+        return None
     try:
         found, parent = os.lstat(old), os.stat(private.parent)
     except OSError:
         return None
     if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid() or found.st_dev != parent.st_dev:
+        return None
+    return old
+
+
+def retirable_old_area(ctid: str, private: Path, gconf: GlobalConfig) -> Path | None:
+    """Whatever stands at PRIVATE.migrated once the CT is back here (out of date, and in the way of its next
+    `-r no` migration away), if it may be removed: nothing mounted on or in it, and no area of another CT
+    (CTID "101.migrated" is valid). A symlink or a file is removed itself, never what it names."""
+    old = private.with_name(private.name + OLD_AREA_SUFFIX)
+    if not os.path.lexists(old):
         return None
     if mounts.mounts_below(old, including=True) or _another_cts_area(ctid, old, gconf):
         return None
@@ -224,7 +236,7 @@ def retire_old_area(ctid: str, private: Path, gconf: GlobalConfig) -> str | None
     """After the CT was committed here: its old area is out of date, and in the way of the next `-r no`
     migration away. Renamed aside at once, removed in the background (a big tree must not delay the reply to
     the commit); the agent waits for that before it exits. The old area's path, or None if there was none."""
-    old = old_area(ctid, private, gconf)
+    old = retirable_old_area(ctid, private, gconf)
     if old is None:
         return None
     doomed = old.with_name(f"{old.name}{RETIRING}{uuid.uuid4().hex[:8]}")
@@ -233,21 +245,29 @@ def retire_old_area(ctid: str, private: Path, gconf: GlobalConfig) -> str | None
 
     def remove_all() -> None:
         for path in (doomed, *stale):
-            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path, ignore_errors=True)  # fd-based: follows no symlink in it
+                else:
+                    path.unlink()
 
     threading.Thread(target=remove_all, name="retire").start()
     return str(old)
 
 
 def finish_and_retire(session: AgentSession, incoming: Incoming) -> list[str]:
-    """session.finish, then, if this migration built its basis from the old area, retire that (the problems)."""
-    used_old_area = basis_path(incoming).is_dir()
+    """session.finish, then retire what this host kept of the CT when it left: its old area (used as the basis
+    or not) and CTID.conf.migrated, both out of date now that the CT is here again (the problems)."""
     leftovers = session.finish(incoming)
     try:
-        if used_old_area:
-            retire_old_area(incoming.ctid, Path(incoming.private), session.gconf)
+        retire_old_area(incoming.ctid, Path(incoming.private), session.gconf)
     except OSError as e:
         leftovers.append(f"remove the CT's old private area: {e}")
+    retired_conf = Path(incoming.conf + OLD_AREA_SUFFIX)  # what `vzpy migrate` renamed CTID.conf to here
+    try:
+        retired_conf.unlink(missing_ok=True)
+    except OSError as e:
+        leftovers.append(f"remove {retired_conf}: {e}")
     return leftovers
 
 

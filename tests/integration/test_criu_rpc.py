@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import threading
@@ -19,6 +20,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import require_real
@@ -216,6 +218,35 @@ def test_page_server_receives_the_pages(
             shutil.copy2(image, destination)
     restored.append(criu.restore(CriuOptions(images_dir=destination, rst_sibling=True)))
     wait_until(lambda: counter_tree.value() > stopped_at, "the counter restored from streamed pages")
+
+
+def page_server_corks(port: int) -> list[int]:
+    """TCP_CORK of each socket of this process connected to 127.0.0.1:port."""
+    corks = []
+    for connection in psutil.Process().net_connections(kind="tcp"):
+        if connection.raddr and tuple(connection.raddr) == ("127.0.0.1", port) and connection.fd >= 0:
+            with socket.socket(fileno=os.dup(connection.fd)) as sock:
+                corks.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+    return corks
+
+
+@pytest.mark.root
+def test_a_dump_sends_its_pages_through_our_connection_uncorked(
+    criu: Criu, counter_tree: CounterTree, tmp_path: Path
+) -> None:
+    """CRIU corks its page-server socket and never uncorks it: its final close waited out the kernel's 200 ms
+    cork limit. The dump now runs on a connection of ours that CRIU corks and we uncork before any page goes."""
+    source, destination = images_dir(tmp_path, "src"), images_dir(tmp_path, "dst")
+    corks: dict[str, list[int]] = {}
+    with criu.page_server(CriuOptions(images_dir=destination, page_server=("127.0.0.1", 0))) as server:
+        criu.dump(
+            CriuOptions(images_dir=source, pid=counter_tree.pid, page_server=("127.0.0.1", server.port)),
+            notify=lambda script, _pid: corks.setdefault(script, page_server_corks(server.port)),
+        )
+        assert server.wait(WAIT) == 0
+    assert "Reusing ps socket" in (source / "dump.log").read_text()
+    assert corks["network-lock"] == [0] and corks["post-dump"] == [0]
+    assert list(destination.glob("pages-*.img"))
 
 
 @pytest.mark.root

@@ -18,6 +18,7 @@ from vzpy.criu.features import (
     _save_cache,
     derive_plan,
     find_freezer,
+    fstype_at,
     report,
 )
 from vzpy.criu.options import NetworkLock
@@ -128,6 +129,7 @@ def test_report_rows_cover_every_feature_that_matters() -> None:
         "page_server",
         "cgroup_freezer",
         "iptables",
+        "kerndat_cache",
     }
     assert not rows["mem_dirty_track"].ok
     assert rows["uffd"].ok and not rows["lazy_pages"].ok  # the bit says yes, the round trip no
@@ -144,6 +146,30 @@ def test_report_as_dict_is_json() -> None:
     assert data["plan"]["memory"] == "stop-and-copy"
     assert data["plan"]["network_lock"] == "nftables"
     assert data["messages"][0].startswith("pre-copy migration unavailable")
+
+
+def test_criu_keeps_its_kernel_probe_only_on_a_tmpfs_run() -> None:
+    cached = {row.feature: row for row in report(host()).rows}["kerndat_cache"]
+    uncached = {row.feature: row for row in report(host(run_fstype="ext4")).rows}["kerndat_cache"]
+    assert cached.ok and cached.note == "CRIU caches its kernel probe in /run/criu.kdat (tmpfs)"
+    assert not uncached.ok and uncached.note.startswith(
+        "/run is not a tmpfs (ext4): CRIU probes the kernel afresh in every dump and restore"
+    )
+
+
+def test_the_filesystem_of_a_path_is_its_deepest_latest_mount() -> None:
+    table = parse_mountinfo(
+        b"20 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        b"21 20 0:5 / /run rw - tmpfs tmpfs rw\n"
+        b"22 21 0:6 / /run rw - ext4 /dev/sdb1 rw\n"
+        b"23 21 0:7 / /run/user rw - tmpfs tmpfs rw\n"
+        b"24 20 0:8 / /runx rw - tmpfs tmpfs rw\n"
+    )
+    assert fstype_at(Path("/run"), table) == "ext4"  # mounted over the tmpfs
+    assert fstype_at(Path("/run/user/0"), table) == "tmpfs"
+    assert fstype_at(Path("/srv"), table) == "ext4"
+    assert fstype_at(Path("/run"), table[:1]) == "ext4"
+    assert fstype_at(Path("/run"), []) == ""
 
 
 # --- freezer detection ---

@@ -134,6 +134,22 @@ def test_dump_streams_pages_to_a_page_server_only_when_given() -> None:
     assert not sent(req, "lazy_pages")
 
 
+def test_a_dump_given_a_connected_page_server_socket_sends_only_its_fd() -> None:
+    req = request(CriuAction.DUMP, pid=42, page_server=("127.0.0.1", 27000), page_server_fd=9)
+    assert req.opts.ps.fd == 9
+    # CRIU warns that an address given with the socket is ignored
+    assert not req.opts.ps.HasField("address") and not req.opts.ps.HasField("port")
+
+
+def test_only_a_dump_streaming_pages_hands_over_a_page_server_socket() -> None:
+    lazy = request(CriuAction.DUMP, pid=42, lazy_pages=True, page_server=("0.0.0.0", 27000), page_server_fd=9)
+    listening = request(CriuAction.PAGE_SERVER, page_server=("0.0.0.0", 0), page_server_fd=9)
+    restore = request(CriuAction.RESTORE, page_server=("10.0.0.2", 1), page_server_fd=9)
+    assert not lazy.opts.ps.HasField("fd") and lazy.opts.ps.port == 27000
+    assert not listening.opts.ps.HasField("fd")
+    assert not sent(restore, "ps")
+
+
 def test_lazy_dump_sets_lazy_pages_and_where_to_serve_them() -> None:
     req = request(CriuAction.DUMP, pid=42, lazy_pages=True, page_server=("0.0.0.0", 27000))
     assert req.opts.lazy_pages

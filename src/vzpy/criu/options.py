@@ -118,6 +118,9 @@ class CriuOptions:
     # Page server: for a dump, where to send pages; for CriuAction.PAGE_SERVER, where to listen
     # (port 0 = any free port; the chosen one is returned). With lazy_pages, where the dump listens.
     page_server: tuple[str, int] | None = None
+    # For a dump to a page server: a socket already connected to it, which CRIU uses instead of connecting
+    # itself (ps.fd; Criu.dump opens it). It must be a blocking socket and exist in the swrk at this number.
+    page_server_fd: int | None = None
     # Post-copy: the dump leaves pages for `criu lazy-pages`; the restore faults them in on demand.
     lazy_pages: bool = False
     # Restore the tree's root as our child instead of a child of CRIU (then we must reap it).
@@ -219,6 +222,10 @@ def _set_page_server(msg: Any, action: CriuAction, opts: CriuOptions) -> None:
     # ps only when pages are streamed (dump -> remote page server), served (page-server), or left
     # for lazy-pages (dump with lazy_pages): otherwise a dump writes pages into images_dir.
     if opts.page_server is None or action is CriuAction.RESTORE:
+        return
+    if opts.page_server_fd is not None and action in DUMPS and not opts.lazy_pages:
+        # the address too would only make CRIU warn that it is ignored
+        msg.ps.fd = opts.page_server_fd
         return
     address, port = opts.page_server
     msg.ps.address = address

@@ -8,12 +8,13 @@ one final response of the request's type.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,7 @@ DEFAULT_TIMEOUT = 600.0
 EXIT_GRACE = 10.0  # how long a swrk may take to exit after its final answer
 KILL_GRACE = 10.0  # how long a SIGKILLed swrk may take to die (it finishes the syscall it is in first)
 SEND_TIMEOUT = 10.0  # a request is a few hundred bytes: a full socket buffer means CRIU stopped reading
+PAGE_SERVER_CONNECT_TIMEOUT = 10.0
 RECV_BUFFER = 1 << 16
 MAX_FDS_PER_MESSAGE = 8
 LOG_TAIL_BYTES = 16 << 20
@@ -184,6 +186,44 @@ class _Swrk:
         if self.exit_status(EXIT_GRACE) is None:
             self.kill()
         self.process.close(wait=0)
+
+
+# --- a dump's connection to its page server -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def _page_server_connection(
+    opts: CriuOptions, notify: NotifyCallback | None, what: str
+) -> Iterator[tuple[CriuOptions, NotifyCallback | None]]:
+    """For a dump that sends its pages to a page server: the options and notify callback to use, with a
+    connection to the page server that we open and CRIU uses (ps.fd); unchanged for any other dump.
+
+    CRIU corks that socket (TCP_CORK) when it connects and never uncorks it, so its last message, the close
+    whose answer it waits for, stays in the socket until the kernel sends a corked partial frame anyway:
+    200 ms later, with the CT frozen. Holding the same socket, we take the cork off at each notification
+    after CRIU connected (from network-lock on, before any page is sent); the bytes sent do not change."""
+    if opts.page_server is None or opts.lazy_pages or opts.page_server_fd is not None:
+        yield opts, notify
+        return
+    address, port = opts.page_server
+    try:
+        connection = socket.create_connection((address, port), timeout=PAGE_SERVER_CONNECT_TIMEOUT)
+    except OSError as e:
+        raise ChkpntError(f"{what}: cannot connect to the page server at {address}:{port}: {e}") from e
+    with connection:
+        connection.setblocking(True)  # CRIU uses the same file: a timeout would make it non-blocking for CRIU too
+        yield replace(opts, page_server_fd=connection.fileno()), _uncorking(connection, notify)
+
+
+def _uncorking(connection: socket.socket, notify: NotifyCallback | None) -> NotifyCallback:
+    def uncork_then_notify(script: str, pid: int) -> None:
+        if script != "pre-dump":  # the only notification before CRIU corks the socket
+            with contextlib.suppress(OSError):  # only a delay is at stake, never the bytes
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        if notify is not None:
+            notify(script, pid)
+
+    return uncork_then_notify
 
 
 # --- one conversation ---------------------------------------------------------------------------
@@ -430,14 +470,15 @@ class Criu:
         post-dump, ...): it then releases the tree intact and fails. Killing it instead (the `timeout`, for a
         CRIU that hangs) kills any task its parasite code is running in at that moment."""
         what = f"criu dump of pid {opts.pid}"
-        self.call(
-            CriuAction.DUMP,
-            _with_notify(opts, notify is not None or abort_after is not None),
-            error=ChkpntError,
-            what=what,
-            notify=notify,
-            abort_after=abort_after,
-        )
+        with _page_server_connection(opts, notify, what) as (opts, notify):
+            self.call(
+                CriuAction.DUMP,
+                _with_notify(opts, notify is not None or abort_after is not None),
+                error=ChkpntError,
+                what=what,
+                notify=notify,
+                abort_after=abort_after,
+            )
 
     def pre_dump(self, opts: CriuOptions, *, notify: NotifyCallback | None = None) -> None:
         """Copy the tree's memory while it keeps running (needs mem_dirty_track)."""
@@ -551,8 +592,9 @@ class Criu:
 
     def _start(self, opts: CriuOptions) -> _Swrk:
         try:
-            # inherit_fd entries name fds that must exist in CRIU at the same numbers.
-            return _Swrk(self.binary, pass_fds=opts.inherit_fd.values())
+            # inherit_fd entries and the page server's socket name fds that must exist in CRIU at the same numbers.
+            page_server = () if opts.page_server_fd is None else (opts.page_server_fd,)
+            return _Swrk(self.binary, pass_fds=(*opts.inherit_fd.values(), *page_server))
         except OSError as e:
             raise CriuUnavailable(f"cannot start {self.binary} swrk: {e}; run `make setup`") from e
 

@@ -1,0 +1,92 @@
+"""A dump's connection to its page server, opened by vzpy and handed to CRIU (loopback TCP, no CRIU run).
+
+CRIU corks the socket when it connects and never uncorks it: the close it sends last, whose answer it
+waits for, then sat in the socket for the kernel's 200 ms cork limit with the CT frozen.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vzpy.criu.options import CriuOptions
+from vzpy.criu.rpc import _page_server_connection
+from vzpy.errors import ChkpntError
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server
+
+
+def corked(fd: int) -> int:
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)
+
+
+def cork(fd: int) -> None:
+    """What CRIU does to the socket right after it gets it."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+
+
+def dump_options(port: int, *, lazy_pages: bool = False) -> CriuOptions:
+    return CriuOptions(images_dir=Path("/images"), pid=42, page_server=("127.0.0.1", port), lazy_pages=lazy_pages)
+
+
+def test_the_connection_is_ours_blocking_and_handed_over_by_fd(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    with _page_server_connection(dump_options(port), None, "dump") as (opts, notify):
+        assert opts.page_server_fd is not None and notify is not None
+        with socket.socket(fileno=os.dup(opts.page_server_fd)) as sock:
+            assert sock.getpeername() == ("127.0.0.1", port)
+            assert sock.getblocking()  # CRIU shares the file: a timeout of ours would make its I/O fail (EAGAIN)
+        fd = opts.page_server_fd
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once the dump is over
+
+
+def test_the_cork_comes_off_from_the_first_notification_after_criu_connected(listener: socket.socket) -> None:
+    seen: list[tuple[str, int, int]] = []
+    with _page_server_connection(
+        dump_options(listener.getsockname()[1]), lambda script, pid: seen.append((script, pid, corked(fd))), "dump"
+    ) as (opts, notify):
+        assert opts.page_server_fd is not None and notify is not None
+        fd = opts.page_server_fd
+        notify("pre-dump", 0)  # CRIU has not connected yet: nothing to uncork
+        cork(fd)
+        notify("network-lock", 0)
+        cork(fd)
+        notify("post-dump", 0)
+    assert seen == [("pre-dump", 0, 0), ("network-lock", 0, 0), ("post-dump", 0, 0)]
+
+
+def test_the_callers_notify_failure_still_reaches_criu(listener: socket.socket) -> None:
+    def refuse(script: str, pid: int) -> None:
+        raise RuntimeError(f"no {script}")
+
+    with _page_server_connection(dump_options(listener.getsockname()[1]), refuse, "dump") as (_, notify):
+        assert notify is not None
+        with pytest.raises(RuntimeError, match="no network-lock"):
+            notify("network-lock", 0)
+
+
+def test_nothing_is_opened_for_a_dump_without_page_server_or_a_lazy_one(listener: socket.socket) -> None:
+    port = listener.getsockname()[1]
+    for plain in (CriuOptions(images_dir=Path("/images"), pid=42), dump_options(port, lazy_pages=True)):
+        with _page_server_connection(plain, None, "dump") as (opts, notify):
+            assert opts is plain and notify is None
+
+
+def test_a_page_server_nobody_listens_on_is_a_chkpnt_error() -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: connecting is refused
+        connection = _page_server_connection(dump_options(port), None, "criu dump of pid 42")
+        with pytest.raises(ChkpntError, match=f"cannot connect to the page server at 127.0.0.1:{port}"):
+            connection.__enter__()

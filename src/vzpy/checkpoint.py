@@ -15,19 +15,19 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from vzpy import dumpable, dumpfile, fsstate, lifecycle, linkremap, netlock, scratch, stage
 from vzpy.config import ConfFile, shown, validate_ctid
-from vzpy.container import Container, RunState, start_ticks
+from vzpy.container import Container, RunState, create_time, process_name, start_ticks
 from vzpy.criu import CgroupMode, Criu, CriuOptions, NetworkLock, require_criu
 from vzpy.criu import images as criu_images
 from vzpy.criu.binary import load_rpc_soon
 from vzpy.errors import BadConfig, ChkpntError, InvalidSyntax, NetworkError, RestoreError, VzError
 from vzpy.host import cpu
+from vzpy.netlock import NFT_TIMEOUT
 from vzpy.runtime import network, tcpkick
 from vzpy.runtime.cgroups import CONTROLLERS, ct_hierarchies
 from vzpy.scratch import private_dir, work_dir
@@ -96,7 +96,7 @@ def run_chkpnt(ct: Container, actions: Sequence[Action], target: DumpTarget, pro
         if action is Action.SUSPEND:
             suspend(ct, progress)
         elif action is Action.DUMP:
-            dump(ct, target, progress=progress, then_resume=snapshot)
+            dump(ct, target, progress=progress, then_resume=snapshot, areas_checked=True)
         elif action is Action.KILL:
             kill(ct, progress)
         elif not snapshot:  # a snapshot's dump resumed the CT already
@@ -118,7 +118,7 @@ def run_restore(
     for action in actions:
         if action is Action.UNDUMP:
             assert path is not None
-            undump(ct, path, skip_fs_check=skip_fs_check, progress=progress)
+            undump(ct, path, skip_fs_check=skip_fs_check, progress=progress, areas_checked=True)
         elif action is Action.RESTORE_RESUME:
             restore_resume(ct, progress)
         else:
@@ -128,12 +128,13 @@ def run_restore(
 # --- inputs, checked before anything changes
 
 
-def check_dump_target(path: Path, ct: Container | None = None) -> None:
+def check_dump_target(path: Path, ct: Container | None = None, *, areas: bool = True) -> None:
     """Refuse a --dumpfile that cannot be written, or whose existing target is not a regular file (a device,
-    FIFO, socket, directory or symlink would be replaced by the dump file)."""
+    FIFO, socket, directory or symlink would be replaced by the dump file). `areas=False` skips the walk over
+    every CT's config (_refuse_inside_areas) that this command did already."""
     if ct is not None and path.parent == ct.gconf.dumpdir:
         private_dir(path.parent)
-    if ct is not None:
+    if ct is not None and areas:
         _refuse_inside_areas(path, ct, ChkpntError)
     if not path.parent.is_dir():
         raise ChkpntError(f"directory {path.parent} for the dump file does not exist; create it or choose another")
@@ -180,10 +181,10 @@ def _is_ct(conf: Path) -> bool:
     return True
 
 
-def check_dump_source(path: Path, ct: Container | None = None) -> None:
+def check_dump_source(path: Path, ct: Container | None = None, *, areas: bool = True) -> None:
     """Refuse at once a dump file that is not a regular file (reading a FIFO would block forever), or one
-    inside the CT's own tree."""
-    if ct is not None:
+    inside a CT's tree (`areas=False`: this command checked that already)."""
+    if ct is not None and areas:
         _refuse_inside_areas(path, ct, RestoreError)
     try:
         st = os.stat(path)
@@ -262,16 +263,21 @@ def suspend(ct: Container, progress: Progress) -> None:
     progress(f"CT {ct.ctid} suspended (frozen, network locked)")
 
 
-def dump(ct: Container, target: DumpTarget, *, progress: Progress, then_resume: bool = False) -> dumpfile.Manifest:
+def dump(
+    ct: Container, target: DumpTarget, *, progress: Progress, then_resume: bool = False, areas_checked: bool = False
+) -> dumpfile.Manifest:
     """Write the suspended CT's state to target.path; it stays suspended. On failure it is resumed.
 
     With then_resume (a snapshot), the CT is resumed as soon as CRIU's images and the filesystem state
     are taken, and the dump file is packed while it runs: the frozen time is CRIU's alone.
+    `areas_checked`: this command checked already that target.path is in no CT's area (run_chkpnt).
     """
-    check_dump_target(target.path, ct)
+    check_dump_target(target.path, ct, areas=not areas_checked)
     entry = stage.enter(ct, Action.DUMP)
     started = time.monotonic()
     resumed = False
+    # nft's listing of CRIU's locks, which dump_images needs before CRIU starts, runs meanwhile
+    locks_before = _soon(netlock.criu_locks, entry.state.init_pid, timeout=NFT_TIMEOUT)
     # Streamed, CRIU's memory images go straight into the dump file as CRIU writes them (dumpfile.stream).
     # A snapshot stages them in RAM instead: its frozen time is CRIU's alone, never the disk's.
     streamed = not (then_resume or target.compress)
@@ -282,7 +288,7 @@ def dump(ct: Container, target: DumpTarget, *, progress: Progress, then_resume: 
             processes = _processes(ct)
 
             def take_images() -> None:
-                dump_images(ct, images, state=entry.state)
+                dump_images(ct, images, state=entry.state, locks_before=locks_before)
                 progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {target.path}")
 
             def describe() -> tuple[dumpfile.Manifest, dict[str, Path]]:
@@ -377,6 +383,7 @@ def dump_images(
     parent: str | None = None,
     lazy: bool = False,
     on_images: Callable[[], None] | None = None,
+    locks_before: Callable[[], set[str]] | None = None,
 ) -> list[str]:
     """CRIU's images of the suspended CT into `images` (it stays frozen); with page_server, the memory
     pages go there instead (a page server on the destination of a migration). With `timeout`, a dump still
@@ -385,6 +392,9 @@ def dump_images(
     Pre-copy: `parent` names the last pre-dump's images dir (relative to `images`): only pages changed since
     are sent. Post-copy (`lazy`): CRIU serves the pages itself on `page_server` and returns only once they
     were all fetched; `on_images` is called as soon as every other image is written.
+
+    `locks_before`: gives CRIU's network lock tables in the CT's netns now (netlock.criu_locks, started
+    earlier; see _soon), which a failed dump must leave.
 
     Returns the files CRIU linked into the CT's tree for open files whose name was unlinked: the restore
     needs them, so they stay (recorded in the CT's state) until the CT resumes."""
@@ -412,7 +422,7 @@ def dump_images(
             if on_images is not None:
                 on_images()
 
-    locks_before = netlock.criu_locks(state.init_pid)
+    locks = locks_before() if locks_before is not None else netlock.criu_locks(state.init_pid)
     try:
         # `timeout` (what a migration has left of --max-frozen) stops CRIU cleanly at its next notification;
         # only one that does not get there within ABORT_GRACE more is killed
@@ -422,7 +432,7 @@ def dump_images(
         linkremap.release(ct, kept)
         # a CRIU killed at its deadline could not remove its network lock: the CT would resume cut off
         with contextlib.suppress(NetworkError):  # the dump's own error is the one to report
-            netlock.remove_criu_locks(state.init_pid, keep=locks_before)
+            netlock.remove_criu_locks(state.init_pid, keep=locks)
         raise
     finally:
         if cgroups.freezer_state() != "FROZEN":
@@ -431,6 +441,15 @@ def dump_images(
     if kept:
         stage.remember(ct, state, link_remaps=[*state.link_remaps, *kept])
     return kept
+
+
+def _soon(call: Callable[[int], set[str]], arg: int, *, timeout: float) -> Callable[[], set[str]]:
+    """call(arg) started in a thread now; the returned function waits for its result (or raises its error).
+    `timeout` bounds that wait: call's own deadline (a subprocess's) plus a margin."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vzpy-soon")
+    future = executor.submit(call, arg)
+    executor.shutdown(wait=False)
+    return lambda: future.result(timeout + 5.0)
 
 
 def pre_dump_images(ct: Container, images: Path, page_server: tuple[str, int], *, parent: str | None) -> None:
@@ -492,8 +511,8 @@ def _processes(ct: Container) -> list[dict[str, object]]:
     result = []
     for pid in ct.cgroups.pids():
         try:
-            result.append({"pid": pid, "comm": psutil.Process(pid).name()})
-        except psutil.Error:
+            result.append({"pid": pid, "comm": process_name(pid)})
+        except (OSError, ValueError):
             continue
     return result
 
@@ -513,11 +532,12 @@ def _manifest(ct: Container, processes: list[dict[str, object]], with_fs: bool) 
 # --- restore stages
 
 
-def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress) -> int:
-    """Recreate the CT's processes from `path`, frozen with the network locked. Returns the init pid."""
+def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress, areas_checked: bool = False) -> int:
+    """Recreate the CT's processes from `path`, frozen with the network locked. Returns the init pid.
+    `areas_checked`: this command checked already that `path` is in no CT's area (run_restore)."""
     stage.plan(ct, [Action.UNDUMP])
     ct.check_areas()  # before --with-fs writes the private area or anything is mounted
-    check_dump_source(path, ct)
+    check_dump_source(path, ct, areas=not areas_checked)
     manifest = dumpfile.read_manifest(path)
     _check_compatible(ct, manifest)
     started = time.monotonic()
@@ -526,7 +546,11 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
         # Extracting verifies every member before anything changes, except the memory images: CRIU only copies
         # those into the tasks it makes, so their hash runs alongside the restore, and the restored tasks stay
         # frozen (never run an instruction of the CT's) until it says every byte is the dump's.
-        late = dumpfile.extract_checking_later(path, work, later=criu_images.is_memory_image)[1]
+        # The processes' memory images are copied in a thread meanwhile: CRIU reads them once it has made the
+        # namespaces, so their copy goes on while it does, and while the filesystem is checked.
+        late = dumpfile.extract_checking_later(
+            path, work, later=criu_images.is_memory_image, copy_later=criu_images.task_pages_images
+        )[1]
         try:
             if manifest.with_fs:
                 fsstate.restore_tree(work / FS_MEMBER, ct.private)
@@ -534,7 +558,7 @@ def undump(ct: Container, path: Path, *, skip_fs_check: bool, progress: Progress
                 progress(f"CT {ct.ctid}'s files put back from the dump file")
             elif not skip_fs_check:
                 _check_fs(ct, manifest)
-            init_pid = restore_images(ct, work, verify=late.wait)
+            init_pid = restore_images(ct, work, verify=late.wait, images_ready=late.copied)
         finally:
             late.close()
     progress(f"CT {ct.ctid} restored from {path} in {time.monotonic() - started:.2f}s (frozen, network locked)")
@@ -563,10 +587,13 @@ def restore_images(
     timeout: float | None = None,
     lazy: bool = False,
     verify: Callable[[], None] | None = None,
+    images_ready: Callable[[float], None] | None = None,
 ) -> int:
     """Restore the CT's processes from CRIU's images in `images`, frozen (undumped). Returns the init pid.
     `lazy`: memory pages come later from a `criu lazy-pages` daemon working in log_dir(ct) (post-copy).
-    `verify`: called once the tasks are made and frozen, before anything else; if it raises, they are killed."""
+    `verify`: called once the tasks are made and frozen, before anything else; if it raises, they are killed.
+    `images_ready(timeout)`: returns once the processes' memory images are in `images` (CRIU waits for it
+    after making the namespaces, before the tasks read their memory); if it raises, the restore fails."""
     entry = stage.enter(ct, Action.UNDUMP)
     linkremap.reinstate(ct, entry.state.link_remaps)  # held by a restore that was killed
     # CRIU consumes its link-remap files even when the restore fails: hold them for a retry
@@ -581,6 +608,8 @@ def restore_images(
         cgroups.apply(ct.limits)
 
         def on_notify(script: str, pid: int) -> None:
+            if script == "post-setup-namespaces" and images_ready is not None:
+                images_ready(timeout or criu_timeout(ct))
             # restored tasks are complete but not yet running: freeze them where they stand
             if script == "pre-resume":
                 cgroups.freeze()
@@ -595,7 +624,7 @@ def restore_images(
         network.configure_host_side(ct.veth, ct.ips)
         entry.commit(
             init_pid=init_pid,
-            init_started=psutil.Process(init_pid).create_time(),
+            init_started=create_time(init_pid),
             init_start_ticks=start_ticks(init_pid),
             frozen_since=time.time(),
         )

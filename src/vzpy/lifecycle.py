@@ -10,11 +10,9 @@ import signal
 import time
 from collections.abc import Iterator, Mapping, Sequence
 
-import psutil
-
 from vzpy import config, scratch, stage
 from vzpy.config import ConfFile, default_hostname, parse_size, physpages_problem, shown
-from vzpy.container import LIMIT_KEYS, Container, RunState, limits_of, start_ticks
+from vzpy.container import LIMIT_KEYS, Container, RunState, create_time, limits_of, start_ticks
 from vzpy.errors import (
     AlreadyRunning,
     BadConfig,
@@ -160,7 +158,7 @@ def start(ct: Container, progress: Progress = quiet) -> RunState:
     announce(ct, ct.ips)
     state = entry.commit(
         init_pid=init_pid,
-        init_started=psutil.Process(init_pid).create_time(),
+        init_started=create_time(init_pid),
         init_start_ticks=start_ticks(init_pid),
         veth=ct.veth,
         ips=ct.ips,

@@ -299,6 +299,44 @@ def test_full_chkpnt_suspends_dumps_and_kills_in_order(world: World) -> None:
     assert options.leave_running and options.link_remap and options.freeze_cgroup is not None
 
 
+def test_full_chkpnt_reads_every_cts_areas_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_chkpnt checks the dump file against every CT's areas before the suspend; its dump does not again
+    (each CT's config read twice, the second time with the CT frozen)."""
+    walks: list[str] = []
+    ct_areas = checkpoint._ct_areas
+    monkeypatch.setattr(checkpoint, "_ct_areas", lambda ct: walks.append(ct.ctid) or ct_areas(ct))
+    checkpoint.run_chkpnt(world.ct, [A.SUSPEND, A.DUMP, A.KILL], _target(world), _quiet)
+    assert walks == ["101"]
+
+
+def test_restore_reads_every_cts_areas_once(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_restore checks the dump file against every CT's areas; its undump does not again."""
+    world.ct.clear_state()
+    world.ct.fake_cgroups.tasks = []
+    walks: list[str] = []
+    ct_areas = checkpoint._ct_areas
+    monkeypatch.setattr(checkpoint, "_ct_areas", lambda ct: walks.append(ct.ctid) or ct_areas(ct))
+
+    def read_manifest(path: Path) -> Any:  # the undump's next step: where this test has seen enough
+        raise RestoreError(f"stop after the checks of {path.name}")
+
+    monkeypatch.setattr(checkpoint.dumpfile, "read_manifest", read_manifest)
+    dump = world.ct.gconf.dumpdir / "Dump.101"
+    dump.parent.mkdir(parents=True, exist_ok=True)
+    dump.write_bytes(b"dump")
+    with pytest.raises(RestoreError, match=r"stop after the checks of Dump\.101"):
+        checkpoint.run_restore(world.ct, [A.UNDUMP], dump, skip_fs_check=False, progress=_quiet)
+    assert walks == ["101"]
+
+
+def test_a_staged_dump_still_refuses_a_dump_file_in_a_cts_area(world: World) -> None:
+    checkpoint.suspend(world.ct, _quiet)
+    inside = checkpoint.DumpTarget(world.ct.private / "tmp" / "Dump.101")
+    with pytest.raises(ChkpntError, match="inside CT 101's area"):
+        checkpoint.dump(world.ct, inside, progress=_quiet)
+    assert not inside.path.exists() and "criu dump" not in world.events
+
+
 def test_staged_dump_records_the_dump_file_and_stays_suspended(world: World) -> None:
     checkpoint.suspend(world.ct, _quiet)
     checkpoint.dump(world.ct, _target(world, "staged"), progress=_quiet)

@@ -20,6 +20,22 @@ def is_memory_image(name: str) -> bool:
     return _MEMORY_IMAGE.fullmatch(name) is not None
 
 
+_TASK_PAGEMAP = re.compile(r"pagemap-\d+\.img")  # a process's; shared memory's are pagemap-shmem-N.img
+
+
+def task_pages_images(images_dir: Path) -> set[str]:
+    """The pages images of processes' own memory, named by the head of each process's pagemap. A restore reads
+    them only after its "post-setup-namespaces" notification, as the tasks map their memory; the pages of
+    shared memory it may read before (SysV segments, as it restores the IPC namespace)."""
+    names = set()
+    for path in images_dir.iterdir():
+        if _TASK_PAGEMAP.fullmatch(path.name):
+            head = _entries(path)[:1]
+            if head and "pages_id" in head[0]:
+                names.add(f"pages-{int(head[0]['pages_id'])}.img")
+    return names
+
+
 def _images_module() -> ModuleType:
     load_rpc()  # says what is missing when pycriu is not importable
     from pycriu import images

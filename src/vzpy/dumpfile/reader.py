@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -34,6 +36,7 @@ from vzpy.errors import RestoreError, VzError
 
 ZERO_CHUNK = 1 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+COPY_TIMEOUT = 3600.0  # wait() of a LateCheck whose copies nobody waited for: far beyond any disk that works
 
 
 class Header(NamedTuple):
@@ -71,12 +74,21 @@ def extract(path: Path, dest_dir: Path, *, only: Iterable[str] | None = None) ->
 
 
 def extract_checking_later(
-    path: Path, dest_dir: Path, later: Callable[[str], bool], *, only: Iterable[str] | None = None
+    path: Path,
+    dest_dir: Path,
+    later: Callable[[str], bool],
+    *,
+    only: Iterable[str] | None = None,
+    copy_later: Callable[[Path], Collection[str]] | None = None,
 ) -> tuple[Manifest, LateCheck]:
     """extract(), except that the digests of the members `later` names are still being computed when it returns:
     the caller may use those files at once, and must call wait() on the LateCheck (which raises RestoreError
     on a bad member) before it trusts what it made of them. Every other member is checked before it returns.
-    On failure, nothing is left behind (the caller removes dest_dir's files if wait() fails)."""
+
+    copy_later(dest_dir), called once every other member is in dest_dir, may name some of those members: they
+    are copied in a thread too, and each appears under its name only when complete (the caller waits with
+    LateCheck.copied() before they are read). On failure, nothing is left behind (the caller removes dest_dir's
+    files if wait() fails)."""
     path, dest_dir = Path(path), Path(dest_dir)
     with _open_dump(path) as (fd, manifest):
         names = _select(path, manifest, only)
@@ -87,9 +99,13 @@ def extract_checking_later(
         late = LateCheck(path, os.dup(fd), manifest.digest)
         try:
             _extract_members(path, fd, manifest, now, dest_dir, created)
+            in_thread = set(copy_later(dest_dir)) if copy_later is not None else set()
             for name in deferred:
                 late.add(name, manifest.members[name])
-                _copy_plain_member(path, fd, name, manifest.members[name], dest_dir / name, created)
+                if name in in_thread:
+                    late.copy(name, manifest.members[name], dest_dir / name)
+                else:
+                    _copy_plain_member(path, fd, name, manifest.members[name], dest_dir / name, created)
         except BaseException as e:
             late.close()
             for file in created:
@@ -103,13 +119,32 @@ def extract_checking_later(
 
 
 class LateCheck:
-    """The digests of extracted members, computed in a thread from the dump file's own bytes."""
+    """The digests of extracted members, computed in a thread from the dump file's own bytes; the copies of
+    members extracted in a thread of their own."""
 
     def __init__(self, path: Path, fd: int, algorithm: str) -> None:
         self._path, self._fd, self._algorithm = path, fd, algorithm
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="vzpy-hash-late")
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="vzpy-copy-late")
         self._pending: list[tuple[str, Member, Future[str]]] = []
+        self._copies: list[Future[None]] = []
         self._closed = False
+
+    def copy(self, name: str, member: Member, target: Path) -> None:
+        self._copies.append(self._copier.submit(_copy_whole, self._path, self._fd, name, member, target))
+
+    def copied(self, timeout: float) -> None:
+        """Block until every member copy() was given is in place; RestoreError if one failed or took too long."""
+        deadline = time.monotonic() + timeout
+        try:
+            for copy in self._copies:
+                copy.result(max(deadline - time.monotonic(), 0.0))
+        except FutureTimeout:
+            raise RestoreError(
+                f"copying the memory images out of {self._path} took over {timeout:.0f}s; check the disk"
+            ) from None
+        except OSError as e:
+            raise RestoreError(f"cannot extract the memory images of {self._path}: {kio.os_text(e)}") from e
 
     def add(self, name: str, member: Member) -> None:
         if member.codec != "none":  # a compressed member is checked while it is decompressed, never later
@@ -117,9 +152,11 @@ class LateCheck:
         digest = self._pool.submit(kio.hash_region, self._fd, member.offset, member.size, self._algorithm)
         self._pending.append((name, member, digest))
 
-    def wait(self) -> None:
-        """Block until every digest is in; RestoreError naming the first member whose bytes are not the dump's."""
+    def wait(self, timeout: float = COPY_TIMEOUT) -> None:
+        """Block until every digest and copy is in; RestoreError naming the first member whose bytes are not
+        the dump's."""
         try:
+            self.copied(timeout)
             for name, member, digest in self._pending:
                 _check_member(self._path, name, member, member.size, digest.result(), self._algorithm)
         finally:
@@ -130,8 +167,11 @@ class LateCheck:
         if self._closed:
             return
         self._closed = True
+        for copy in self._copies:
+            copy.cancel()
         for _, _, digest in self._pending:
             digest.cancel()
+        self._copier.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         os.close(self._fd)
 
@@ -200,6 +240,22 @@ def _copy_plain_member(path: Path, fd: int, name: str, member: Member, target: P
         _check_size(path, name, member, copied)  # its digest is the LateCheck's
     finally:
         os.close(out)
+
+
+def _copy_whole(path: Path, fd: int, name: str, member: Member, target: Path) -> None:
+    """Copy a member to a hidden name and rename it into place: a reader finds all of it or no file."""
+    partial = target.with_name(f".{name}.partial")
+    out = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            copied = kio.copy_range(fd, out, member.offset, 0, member.size)
+        finally:
+            os.close(out)
+        _check_size(path, name, member, copied)
+        os.rename(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _member_digest(path: Path, fd: int, item: tuple[str, Member], out: int | None, algorithm: str) -> tuple[int, str]:

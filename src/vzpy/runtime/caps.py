@@ -21,7 +21,6 @@ CAP_AUDIT_WRITE (sshd and login write audit records), CAP_SYS_CHROOT, CAP_SETPCA
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 # capability number -> why a CT must never use it
@@ -50,7 +49,7 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc Python runs on; find_library would run ldconfig
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 

@@ -9,7 +9,6 @@ private area's fs has it; when it has not, the limits are not enforced and the o
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import sys
@@ -42,7 +41,7 @@ class _DqInfo(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the libc Python runs on; find_library would run ldconfig
 _libc.syscall.restype = ctypes.c_long
 _warned: set[str] = set()
 

@@ -14,7 +14,7 @@ import pytest
 
 from vzpy_lab.vm.lab import Lab, LabVM
 from vzpy_lab.workload.build import build_dirtier
-from vzpy_lab.workload.client import EchoStream, dirtier_generation
+from vzpy_lab.workload.client import EchoStream, dirtier_generation, wait_for_dirtier
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 CTID = "131"
@@ -70,7 +70,7 @@ def dirty_ct(lab: Lab, vm1: LabVM, vm2: LabVM, dirtier: Path) -> Iterator[tuple[
         vm1.run(["vzpy", "start", CTID], check=True)
         echo = connect(lab, vm1, ip)
         echo.exchange(16 * 1024)
-        memory_intact(lab, ip)
+        wait_for_dirtier(ip, DIRTIER_PORT, lab.connector())  # it may start after the echo service
         yield ip, echo
         echo.close()
     finally:

@@ -1,4 +1,6 @@
-"""vzpy.netlock in a real network namespace: lock and unlock are single nft transactions, idempotent both ways."""
+"""vzpy.netlock in a real network namespace: lock and unlock are single nft transactions, idempotent both ways;
+a lock table left from before (or made up by the CT) is replaced whole by the lock, whatever it held, and
+without one the lock is the same table."""
 
 from __future__ import annotations
 
@@ -12,6 +14,13 @@ import pytest
 from vzpy import netlock
 
 pytestmark = pytest.mark.root
+
+STALE = f"""
+table inet {netlock.TABLE} {{
+    chain input {{ type filter hook input priority 0; policy accept; }}
+    chain extra {{ type filter hook output priority 10; policy accept; }}
+}}
+"""
 
 
 @pytest.fixture
@@ -28,9 +37,18 @@ def netns_pid() -> Iterator[int]:
         sleeper.wait(10)
 
 
+def nft(pid: int, *args: str, input: str | None = None) -> str:
+    argv = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "nft", *args]
+    return subprocess.run(argv, input=input, capture_output=True, text=True, check=True).stdout
+
+
 def ruleset(pid: int) -> str:
-    argv = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "nft", "list", "ruleset"]
-    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return nft(pid, "list", "ruleset")
+
+
+def locked_ruleset(pid: int) -> str:
+    netlock.lock(pid)
+    return ruleset(pid)
 
 
 def test_lock_and_unlock_are_idempotent(netns_pid: int) -> None:
@@ -43,3 +61,19 @@ def test_lock_and_unlock_are_idempotent(netns_pid: int) -> None:
     netlock.unlock(netns_pid)
     assert not netlock.is_locked(netns_pid) and netlock.TABLE not in ruleset(netns_pid)
     netlock.unlock(netns_pid)
+
+
+def test_a_stale_lock_table_is_replaced_whole(netns_pid: int) -> None:
+    nft(netns_pid, "-f", "-", input=STALE)
+    rules = locked_ruleset(netns_pid)
+    assert rules.count(f"table inet {netlock.TABLE}") == 1 and rules.count("policy drop") == 2, rules
+    assert "policy accept" not in rules and "extra" not in rules, rules
+
+
+def test_the_lock_without_a_table_before_is_the_same_table(netns_pid: int) -> None:
+    fresh = locked_ruleset(netns_pid)
+    netlock.unlock(netns_pid)
+    nft(netns_pid, "-f", "-", input=STALE)
+    assert locked_ruleset(netns_pid) == fresh
+    netlock.unlock(netns_pid)
+    assert not netlock.is_locked(netns_pid)

@@ -256,13 +256,16 @@ def test_a_zombie_left_by_a_detached_vzpy_exec_command(ct: VzRoot, tmp_path: Pat
 
 @contextlib.contextmanager
 def running_exec(vz: VzRoot, *argv: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`vzpy exec CTID argv...` left running on the host (`&`, or a terminal's ^Z then bg)."""
+    """`vzpy exec CTID argv...` left running on the host (`&`, or a terminal's ^Z then bg). In a process group
+    of its own under this one, as a shell's job is: a group whose parents are all outside the session (pytest
+    started by setsid, by a CI runner) is orphaned, and the kernel discards a ^Z (SIGTSTP) sent to it."""
     command = subprocess.Popen(
         [VZPY, "exec", CTID, *argv],
         env=vz.env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        process_group=0,
     )
     try:
         yield command

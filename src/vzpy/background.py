@@ -1,4 +1,5 @@
-"""Heavy imports started early in a thread, so that they run while the command waits for something else.
+"""Work started early in a thread, so that it runs while the command waits for something else: heavy imports
+(import_soon), and results wanted later (InThread).
 
 Python runs one thread at a time, so this gains only where the main thread waits outside the interpreter
 (a subprocess, CRIU's socket, a copy in the kernel): the import then uses the other core. The main thread's
@@ -16,7 +17,12 @@ import importlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar, cast
+
+from vzpy.errors import VzError
+
+T = TypeVar("T")
 
 FORK_WAIT = 60.0  # an import that takes longer is stuck; the fork goes ahead then
 _running: list[threading.Thread] = []
@@ -40,6 +46,33 @@ def _import_quietly(names: Sequence[str]) -> None:
             importlib.import_module(name)
         except Exception:  # the caller's own import raises it again, where it is handled
             return
+
+
+class InThread(Generic[T]):
+    """fn() run in a thread from now on; result() waits for it (and raises what it raised, or `late`, the
+    caller's error type, when it is not done in time). A daemon thread: one stuck past its caller's deadline
+    does not hold up vzpy's exit."""
+
+    def __init__(self, fn: Callable[[], T], name: str, *, late: type[VzError]) -> None:
+        self._fn, self._late = fn, late
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            self._error = e
+
+    def result(self, timeout: float | None) -> T:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise self._late(f"{self._thread.name} not done within {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
 
 
 def _finish_before_fork() -> None:

@@ -15,11 +15,11 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from vzpy import dumpable, dumpfile, fsstate, lifecycle, linkremap, netlock, scratch, stage
+from vzpy.background import InThread
 from vzpy.config import ConfFile, shown, validate_ctid
 from vzpy.container import Container, RunState, create_time, process_name, start_ticks
 from vzpy.criu import CgroupMode, Criu, CriuOptions, NetworkLock, require_criu
@@ -277,7 +277,8 @@ def dump(
     started = time.monotonic()
     resumed = False
     # nft's listing of CRIU's locks, which dump_images needs before CRIU starts, runs meanwhile
-    locks_before = _soon(netlock.criu_locks, entry.state.init_pid, timeout=NFT_TIMEOUT)
+    pid = entry.state.init_pid
+    listing = InThread(lambda: netlock.criu_locks(pid), f"nft's list of CRIU's locks in CT {ct.ctid}", late=ChkpntError)
     # Streamed, CRIU's memory images go straight into the dump file as CRIU writes them (dumpfile.stream).
     # A snapshot stages them in RAM instead: its frozen time is CRIU's alone, never the disk's.
     streamed = not (then_resume or target.compress)
@@ -288,7 +289,7 @@ def dump(
             processes = _processes(ct)
 
             def take_images() -> None:
-                dump_images(ct, images, state=entry.state, locks_before=locks_before)
+                dump_images(ct, images, state=entry.state, locks_before=lambda: listing.result(NFT_TIMEOUT + 5.0))
                 progress(f"CRIU dump done in {time.monotonic() - started:.2f}s; writing {target.path}")
 
             def describe() -> tuple[dumpfile.Manifest, dict[str, Path]]:
@@ -394,7 +395,7 @@ def dump_images(
     were all fetched; `on_images` is called as soon as every other image is written.
 
     `locks_before`: gives CRIU's network lock tables in the CT's netns now (netlock.criu_locks, started
-    earlier; see _soon), which a failed dump must leave.
+    earlier, in a thread), which a failed dump must leave.
 
     Returns the files CRIU linked into the CT's tree for open files whose name was unlinked: the restore
     needs them, so they stay (recorded in the CT's state) until the CT resumes."""
@@ -441,15 +442,6 @@ def dump_images(
     if kept:
         stage.remember(ct, state, link_remaps=[*state.link_remaps, *kept])
     return kept
-
-
-def _soon(call: Callable[[int], set[str]], arg: int, *, timeout: float) -> Callable[[], set[str]]:
-    """call(arg) started in a thread now; the returned function waits for its result (or raises its error).
-    `timeout` bounds that wait: call's own deadline (a subprocess's) plus a margin."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vzpy-soon")
-    future = executor.submit(call, arg)
-    executor.shutdown(wait=False)
-    return lambda: future.result(timeout + 5.0)
 
 
 def pre_dump_images(ct: Container, images: Path, page_server: tuple[str, int], *, parent: str | None) -> None:

@@ -18,11 +18,10 @@ from vzpy.criu.features import (
     _save_cache,
     derive_plan,
     find_freezer,
-    fstype_at,
     report,
 )
 from vzpy.criu.options import NetworkLock
-from vzpy.host.mounts import parse_mountinfo
+from vzpy.host.mounts import fstype_at, parse_mountinfo
 
 TEE_FAILURE = "a lazy-pages round trip failed here: dump.log: page-pipe: tee: 65536: Operation not permitted"
 

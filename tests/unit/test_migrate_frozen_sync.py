@@ -149,29 +149,30 @@ def test_the_walk_never_follows_symlinks(tmp_path: Path) -> None:
     assert "escape" not in b"".join([found.files_from(), found.forced_from()]).decode(errors="replace")
 
 
-# --- the source's fingerprint, taken while the final sync's rsync runs (flow.InThread)
+# --- the source's fingerprint, taken while the final sync's rsync runs (background.InThread)
 
 
 def test_a_result_computed_in_a_thread_comes_back_and_so_does_its_error() -> None:
-    from vzpy.migrate.flow import InThread
+    from vzpy.background import InThread
+    from vzpy.migrate import MigrateError
 
-    assert InThread(lambda: {"count": 3}, "fingerprint").result(10.0) == {"count": 3}
+    assert InThread(lambda: {"count": 3}, "fingerprint", late=MigrateError).result(10.0) == {"count": 3}
 
     def fails() -> None:
         raise OSError("cannot read the tree")
 
     with pytest.raises(OSError, match="cannot read the tree"):
-        InThread(fails, "fingerprint").result(10.0)
+        InThread(fails, "fingerprint", late=MigrateError).result(10.0)
 
 
 def test_a_result_not_ready_in_time_is_an_error_not_a_wait() -> None:
     import threading
 
+    from vzpy.background import InThread
     from vzpy.migrate import MigrateError
-    from vzpy.migrate.flow import InThread
 
     release = threading.Event()
-    slow = InThread(lambda: release.wait(30), "fingerprint of CT 101")
+    slow = InThread(lambda: release.wait(30), "fingerprint of CT 101", late=MigrateError)
     with pytest.raises(MigrateError, match=r"fingerprint of CT 101 not done within 0\.01s"):
         slow.result(0.01)
     release.set()

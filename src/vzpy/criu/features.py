@@ -192,7 +192,7 @@ def detect_capabilities(
         lazy_probe_seconds=facts["lazy_probe_seconds"],
         freezer=find_freezer(),
         iptables=all(shutil.which(tool) for tool in ("iptables-restore", "ip6tables-restore")),
-        run_fstype=fstype_at(KERNDAT_CACHE.parent),
+        run_fstype=mounts.fstype_at(KERNDAT_CACHE.parent),
         cached=cached,
     )
 
@@ -280,18 +280,6 @@ def find_freezer(table: Sequence[mounts.Mount] | None = None) -> tuple[str, str]
     if v2 and any(Path(v2[1]).glob("*/cgroup.freeze")):
         return v2
     return None
-
-
-def fstype_at(path: Path, table: Sequence[mounts.Mount] | None = None) -> str:
-    """The filesystem type of the mount `path` is on ("" if unknown)."""
-    if table is None:
-        try:
-            table = mounts.mounts()
-        except OSError:
-            return ""
-    covering = [m for m in table if path.is_relative_to(m.point)]
-    # the deepest mount point wins; among mounts on the same point, the last one mounted
-    return max(reversed(covering), key=lambda m: len(Path(m.point).parts)).fstype if covering else ""
 
 
 def kerndat_cached(caps: HostCapabilities) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +89,15 @@ def mounts_below(path: str | os.PathLike[str], *, pid: int | str = "self", inclu
     prefix = top if top == "/" else top + "/"
     points = [m.point for m in mounts(pid)]
     return [p for p in points if (p != top and p.startswith(prefix)) or (including and p == top)]
+
+
+def fstype_at(path: Path, table: Sequence[Mount] | None = None) -> str:
+    """The filesystem type of the mount `path` is on ("" if unknown)."""
+    if table is None:
+        try:
+            table = mounts()
+        except OSError:
+            return ""
+    covering = [m for m in table if path.is_relative_to(m.point)]
+    # the deepest mount point wins; among mounts on the same point, the last one mounted
+    return max(reversed(covering), key=lambda m: len(Path(m.point).parts)).fstype if covering else ""

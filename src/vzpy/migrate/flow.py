@@ -40,9 +40,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 from vzpy import checkpoint, lifecycle, linkremap
+from vzpy.background import InThread
 from vzpy.container import Container
 from vzpy.criu import detect_capabilities, require_criu
 from vzpy.criu import images as criu_images
@@ -96,7 +97,6 @@ INLINE_IMAGES_MAX = 2 << 20  # base64 of this stays well under the protocol's 4 
 SCRATCH_PREFIX = ".vzpy-migrate-"
 AMBIGUOUS = (ConnectionBroken, ConnectionTimeout, ProtocolError)
 FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
-T = TypeVar("T")
 
 
 class SourceResumeRefused(MigrateError):
@@ -533,7 +533,9 @@ class Migration:
         snap, self.tree_snapshot = self.tree_snapshot, None
         found = changes.changes_since(snap) if snap is not None else changes.TreeChanges(why_full="no live sync")
         if self.opts.online:
-            self.fingerprint = InThread(lambda: checkpoint.fs_fingerprint(self.ct), f"fingerprint of CT {self.ct.ctid}")
+            self.fingerprint = InThread(
+                lambda: checkpoint.fs_fingerprint(self.ct), f"fingerprint of CT {self.ct.ctid}", late=MigrateError
+            )
         if found.why_full is not None:
             self.final_sync.close()
             self.progress(f"  final sync of the whole tree: {found.why_full}")
@@ -930,31 +932,6 @@ class Migration:
         if self.link is not None:
             with contextlib.suppress(VzError, OSError):
                 self.link.close()
-
-
-class InThread(Generic[T]):
-    """fn() run in a thread from now on; result() waits for it (and raises what it raised)."""
-
-    def __init__(self, fn: Callable[[], T], name: str) -> None:
-        self._fn = fn
-        self._value: T | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._fn()
-        except BaseException as e:  # re-raised in the caller's thread
-            self._error = e
-
-    def result(self, timeout: float | None) -> T:
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            raise MigrateError(f"{self._thread.name} not done within {timeout:g}s")
-        if self._error is not None:
-            raise self._error
-        return cast(T, self._value)
 
 
 class LazyDump:

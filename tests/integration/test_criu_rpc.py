@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -247,6 +247,50 @@ def test_a_dump_sends_its_pages_through_our_connection_uncorked(
     assert "Reusing ps socket" in (source / "dump.log").read_text()
     assert corks["network-lock"] == [0] and corks["post-dump"] == [0]
     assert list(destination.glob("pages-*.img"))
+
+
+@contextmanager
+def silent_page_server() -> Iterator[int]:
+    """A port that accepts connections and never reads or answers: a page server behind a link gone silent."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accepted: list[socket.socket] = []
+
+        def accept() -> None:
+            with suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            with suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            acceptor.join(WAIT)
+            for connection in accepted:
+                connection.close()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("deadline", ["timeout", "abort_after"])
+def test_a_dump_stuck_on_a_silent_page_server_ends_at_its_deadline_with_the_tree_intact(
+    usable_criu: CriuBinary, counter_tree: CounterTree, tmp_path: Path, deadline: str
+) -> None:
+    """CRIU waits for the page server's answer (or for room to send pages) with its parasite code in the task,
+    where no notification comes to abort at: only a kill would end it, after the whole budget. At either
+    deadline the connection is closed instead: CRIU fails at once, takes its code out, and the tree goes on."""
+    with silent_page_server() as port:
+        opts = CriuOptions(images_dir=images_dir(tmp_path), pid=counter_tree.pid, page_server=("127.0.0.1", port))
+        criu = Criu(usable_criu, timeout=2.0 if deadline == "timeout" else 60.0)
+        started = time.monotonic()
+        with pytest.raises(ChkpntError) as caught:
+            criu.dump(opts, abort_after=1.0 if deadline == "abort_after" else None)
+        took = time.monotonic() - started
+    assert counter_tree.holder.poll() is None, "the tree died with the dump"
+    counter_tree.wait_for_progress()
+    message = caught.value.message
+    assert "page-server connection was closed" in message and "CRIU stopped cleanly" in message, message
+    assert took < 30, f"the dump took {took:.1f}s to end"
 
 
 @pytest.mark.root

@@ -277,3 +277,41 @@ def test_a_migration_frozen_longer_than_max_frozen_is_undone(host_a, host_b, ct_
     alive = vzpy(host_a, "exec", CTID, "wget", "-q", "-O", "-", "http://127.0.0.1/")
     processes = vzpy(host_a, "exec", CTID, "ps").stdout
     assert alive.returncode == 0 and alive.stdout == "hello\n", alive.stdout + alive.stderr + processes
+
+
+# --- the link going silent (no RST, no ICMP) while the CT is frozen ----------------------------------------
+
+
+def test_a_link_gone_silent_during_the_dump_ends_at_max_frozen_with_the_ct_resumed_here(
+    host_a, host_b, ct_on_a
+) -> None:
+    """The page server stops answering while CRIU's parasite code is in the CT's tasks, where no notification
+    comes to abort at: at --max-frozen the dump's connection is closed, CRIU stops cleanly, and the CT runs on
+    here, before any request to the silent destination is waited out."""
+    migration = host_a.popen(
+        ["vzpy", "migrate", "--online", "--max-frozen", "2", host_b.address, CTID],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen: list[str] = []
+    try:
+        for line in migration.stdout:
+            seen.append(line)
+            if "sync files: done" in line:  # the next steps: suspend (here), then the dump
+                host_b.silence()
+            if "rolling back: suspend" in line:
+                break
+        else:
+            pytest.fail("the migration never rolled back:\n" + "".join(seen))
+        wait_until(lambda: status(host_a) == "running", timeout=10)
+        served = vzpy(host_a, "exec", CTID, "wget", "-q", "-O", "-", "http://127.0.0.1/")
+        assert served.stdout == "hello\n", served.stdout + served.stderr  # with the link still silent
+    finally:
+        host_b.unsilence()
+    output = "".join(seen) + migration.communicate(timeout=180)[0]
+    assert migration.returncode == 22, output
+    assert "--max-frozen 2s" in output and "resumed here" in output, output
+    log = host_a.path(f"/vz/dump/.logs/{CTID}/dump.log").read_text()
+    assert "Dumping FAILED" in log, log[-2000:]  # CRIU stopped itself: a killed CRIU writes no such line
+    assert_runs_only_on(host_a, host_b)

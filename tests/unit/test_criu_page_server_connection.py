@@ -6,6 +6,7 @@ waits for, then sat in the socket for the kernel's 200 ms cork limit with the CT
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ def dump_options(port: int, *, lazy_pages: bool = False) -> CriuOptions:
 
 def test_the_connection_is_ours_blocking_and_handed_over_by_fd(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
-    with _page_server_connection(dump_options(port), None, "dump") as (opts, notify):
+    with _page_server_connection(dump_options(port), None, "dump") as (opts, notify, _cut_off):
         assert opts.page_server_fd is not None and notify is not None
         with socket.socket(fileno=os.dup(opts.page_server_fd)) as sock:
             assert sock.getpeername() == ("127.0.0.1", port)
@@ -51,11 +52,29 @@ def test_the_connection_is_ours_blocking_and_handed_over_by_fd(listener: socket.
         os.fstat(fd)  # closed once the dump is over
 
 
+def test_the_cut_off_ends_a_send_blocked_on_a_page_server_that_stopped_reading(listener: socket.socket) -> None:
+    """What CRIU sees when vzpy closes the connection at a deadline: its blocked send fails (EPIPE), its wait
+    for an answer ends (EOF), instead of hanging until it is killed."""
+    with _page_server_connection(dump_options(listener.getsockname()[1]), None, "dump") as (opts, _, cut_off):
+        assert opts.page_server_fd is not None and cut_off is not None
+        peer, _ = listener.accept()  # accepts, never reads
+        with peer, socket.socket(fileno=os.dup(opts.page_server_fd)) as criu_side:
+            criu_side.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    criu_side.send(bytes(1 << 16))  # until the buffers are full: the next send would block
+            cut_off()
+            with pytest.raises(BrokenPipeError):
+                criu_side.send(b"page")
+            assert criu_side.recv(16) == b""
+            cut_off()  # twice (a peer gone already) is no error
+
+
 def test_the_cork_comes_off_from_the_first_notification_after_criu_connected(listener: socket.socket) -> None:
     seen: list[tuple[str, int, int]] = []
     with _page_server_connection(
         dump_options(listener.getsockname()[1]), lambda script, pid: seen.append((script, pid, corked(fd))), "dump"
-    ) as (opts, notify):
+    ) as (opts, notify, _cut_off):
         assert opts.page_server_fd is not None and notify is not None
         fd = opts.page_server_fd
         notify("pre-dump", 0)  # CRIU has not connected yet: nothing to uncork
@@ -70,7 +89,7 @@ def test_the_callers_notify_failure_still_reaches_criu(listener: socket.socket) 
     def refuse(script: str, pid: int) -> None:
         raise RuntimeError(f"no {script}")
 
-    with _page_server_connection(dump_options(listener.getsockname()[1]), refuse, "dump") as (_, notify):
+    with _page_server_connection(dump_options(listener.getsockname()[1]), refuse, "dump") as (_, notify, _cut_off):
         assert notify is not None
         with pytest.raises(RuntimeError, match="no network-lock"):
             notify("network-lock", 0)
@@ -79,8 +98,8 @@ def test_the_callers_notify_failure_still_reaches_criu(listener: socket.socket) 
 def test_nothing_is_opened_for_a_dump_without_page_server_or_a_lazy_one(listener: socket.socket) -> None:
     port = listener.getsockname()[1]
     for plain in (CriuOptions(images_dir=Path("/images"), pid=42), dump_options(port, lazy_pages=True)):
-        with _page_server_connection(plain, None, "dump") as (opts, notify):
-            assert opts is plain and notify is None
+        with _page_server_connection(plain, None, "dump") as (opts, notify, cut_off):
+            assert opts is plain and notify is None and cut_off is None
 
 
 def test_a_page_server_nobody_listens_on_is_a_chkpnt_error() -> None:

@@ -429,6 +429,20 @@ def test_the_frozen_time_budget_aborts_and_resumes_the_source(gconf: GlobalConfi
     assert ct.stage() is Stage.RUNNING and ("dst", "restore") not in world.journal
 
 
+def test_a_failed_dump_wakes_the_ct_before_asking_the_destination_anything(gconf: GlobalConfig, world: World) -> None:
+    """Over a link gone silent each request to the destination waits out its timeout: the CT must not wait
+    frozen behind them."""
+    ct = make_ct(gconf)
+    world.fail["dump"] = ChkpntError("criu dump of pid 7 ran past its 2s; its page-server connection was closed")
+    with pytest.raises(CheckpointFailed, match="page-server connection was closed"):
+        run(ct)
+    journal = world.journal
+    frozen = journal[journal.index(("src", "dump")) : journal.index(("src", "wake"))]
+    assert [entry for entry in frozen if entry[0] == "dst"] == []
+    assert ("dst", "page_server_stop") in journal[journal.index(("src", "wake")) :]
+    assert ct.stage() is Stage.RUNNING
+
+
 def test_a_definite_no_from_the_destination_rolls_back_after_the_commit_request(
     gconf: GlobalConfig, world: World
 ) -> None:

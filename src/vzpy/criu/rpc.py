@@ -34,10 +34,13 @@ NotifyCallback = Callable[[str, int], None]
 # on_fd(script, fd): an fd CRIU sent with a notification (the pty master with "orphan-pts-master").
 # The callee owns the fd.
 FdCallback = Callable[[str, int], None]
+# Closes the connection a dump sends its pages through: CRIU's send or wait on it fails, and CRIU stops cleanly.
+CutOff = Callable[[], None]
 
 DEFAULT_TIMEOUT = 600.0
 EXIT_GRACE = 10.0  # how long a swrk may take to exit after its final answer
 KILL_GRACE = 10.0  # how long a SIGKILLed swrk may take to die (it finishes the syscall it is in first)
+CUT_GRACE = 10.0  # how long a CRIU whose page-server connection we closed may take to fail cleanly
 SEND_TIMEOUT = 10.0  # a request is a few hundred bytes: a full socket buffer means CRIU stopped reading
 PAGE_SERVER_CONNECT_TIMEOUT = 10.0
 RECV_BUFFER = 1 << 16
@@ -194,16 +197,21 @@ class _Swrk:
 @contextlib.contextmanager
 def _page_server_connection(
     opts: CriuOptions, notify: NotifyCallback | None, what: str
-) -> Iterator[tuple[CriuOptions, NotifyCallback | None]]:
+) -> Iterator[tuple[CriuOptions, NotifyCallback | None, CutOff | None]]:
     """For a dump that sends its pages to a page server: the options and notify callback to use, with a
-    connection to the page server that we open and CRIU uses (ps.fd); unchanged for any other dump.
+    connection to the page server that we open and CRIU uses (ps.fd), and what closes that connection;
+    unchanged for any other dump (and no cut-off).
 
     CRIU corks that socket (TCP_CORK) when it connects and never uncorks it, so its last message, the close
     whose answer it waits for, stays in the socket until the kernel sends a corked partial frame anyway:
     200 ms later, with the CT frozen. Holding the same socket, we take the cork off at each notification
-    after CRIU connected (from network-lock on, before any page is sent); the bytes sent do not change."""
+    after CRIU connected (from network-lock on, before any page is sent); the bytes sent do not change.
+
+    A page server that stops reading or answering (a link gone silent) blocks CRIU in the middle of the
+    dump, its parasite code still in the tasks, where no notification comes to abort at: shutting the same
+    socket down makes that send or wait fail, and CRIU cures the tasks and fails the dump."""
     if opts.page_server is None or opts.lazy_pages or opts.page_server_fd is not None:
-        yield opts, notify
+        yield opts, notify, None
         return
     address, port = opts.page_server
     try:
@@ -212,7 +220,15 @@ def _page_server_connection(
         raise ChkpntError(f"{what}: cannot connect to the page server at {address}:{port}: {e}") from e
     with connection:
         connection.setblocking(True)  # CRIU uses the same file: a timeout would make it non-blocking for CRIU too
-        yield replace(opts, page_server_fd=connection.fileno()), _uncorking(connection, notify)
+        yield replace(opts, page_server_fd=connection.fileno()), _uncorking(connection, notify), _cut_off(connection)
+
+
+def _cut_off(connection: socket.socket) -> CutOff:
+    def cut() -> None:
+        with contextlib.suppress(OSError):  # already closed by the other end: CRIU sees that as well
+            connection.shutdown(socket.SHUT_RDWR)
+
+    return cut
 
 
 def _uncorking(connection: socket.socket, notify: NotifyCallback | None) -> NotifyCallback:
@@ -243,6 +259,7 @@ class _Conversation:
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
         abort_after: float | None = None,
+        cut_off: CutOff | None = None,
     ) -> None:
         self.swrk = swrk
         self.error = error
@@ -256,6 +273,8 @@ class _Conversation:
         self.abort_after = abort_after
         self.abort_at = None if abort_after is None else time.monotonic() + abort_after
         self.aborted_at: str | None = None  # the notification at which CRIU was told to abort
+        self.cut_off = cut_off
+        self.cut_because: str | None = None  # why the page-server connection was closed, once it was
 
     def run(self, request: Any) -> Any:
         try:
@@ -275,10 +294,27 @@ class _Conversation:
             try:
                 return self._receive_within(wait)
             except TimeoutError:
+                if self._cut_at_deadline():
+                    continue
                 if self.budget <= 0 or self._abort_due() is not True or abort_due:
                     raise self._killed() from None
                 # past abort_after: CRIU is told to abort at its next notification, a clean stop (killing it
                 # while its parasite code runs inside a task would kill that task)
+
+    def _cut_at_deadline(self) -> bool:
+        """Past abort_after or out of budget, a dump with a page-server connection is stopped by closing it
+        (CRIU may be blocked on it, where no notification comes); CUT_GRACE more for CRIU to fail cleanly."""
+        if self.cut_off is None or self.cut_because is not None:
+            return False
+        if self.budget <= 0:
+            self.cut_because = f"timed out after {self.timeout:g}s"
+        elif self._abort_due():
+            self.cut_because = f"ran past its {self.abort_after:g}s"
+        else:
+            return False
+        self.cut_off()
+        self.budget = max(self.budget, CUT_GRACE)
+        return True
 
     def _abort_due(self) -> bool | None:
         """None without abort_after; else whether it has passed."""
@@ -340,6 +376,12 @@ class _Conversation:
                 raise
 
     def _final(self, request: Any, resp: Any) -> Any:
+        if self.cut_because is not None:
+            outcome = "CRIU finished anyway" if resp.success else "CRIU stopped cleanly"
+            raise self.error(
+                f"{self.what} {self.cut_because}; its page-server connection was closed to stop it ({outcome})",
+                detail=_detail(self.log_path),
+            )
         if self.aborted_at is not None:
             outcome = "CRIU finished anyway" if resp.success else "CRIU stopped cleanly"
             raise self.error(
@@ -468,9 +510,10 @@ class Criu:
 
         abort_after: seconds after which CRIU is told to abort at its next notification (network-lock,
         post-dump, ...): it then releases the tree intact and fails. Killing it instead (the `timeout`, for a
-        CRIU that hangs) kills any task its parasite code is running in at that moment."""
+        CRIU that hangs) kills any task its parasite code is running in at that moment. A dump to a page server
+        is stopped at either deadline by closing its connection first (CUT_GRACE before a kill)."""
         what = f"criu dump of pid {opts.pid}"
-        with _page_server_connection(opts, notify, what) as (opts, notify):
+        with _page_server_connection(opts, notify, what) as (opts, notify, cut_off):
             self.call(
                 CriuAction.DUMP,
                 _with_notify(opts, notify is not None or abort_after is not None),
@@ -478,6 +521,7 @@ class Criu:
                 what=what,
                 notify=notify,
                 abort_after=abort_after,
+                cut_off=cut_off,
             )
 
     def pre_dump(self, opts: CriuOptions, *, notify: NotifyCallback | None = None) -> None:
@@ -566,6 +610,7 @@ class Criu:
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
         abort_after: float | None = None,
+        cut_off: CutOff | None = None,
     ) -> Any:
         """Run one request in its own swrk; the final criu_resp. Failures raise `error`."""
         what = what or f"criu {action}"
@@ -584,6 +629,7 @@ class Criu:
                         notify=notify,
                         on_fd=on_fd,
                         abort_after=abort_after,
+                        cut_off=cut_off,
                     )
                 finally:
                     swrk.finish()
@@ -610,6 +656,7 @@ class Criu:
         notify: NotifyCallback | None = None,
         on_fd: FdCallback | None = None,
         abort_after: float | None = None,
+        cut_off: CutOff | None = None,
     ) -> Any:
         conversation = _Conversation(
             swrk,
@@ -620,6 +667,7 @@ class Criu:
             notify=notify,
             on_fd=on_fd,
             abort_after=abort_after,
+            cut_off=cut_off,
         )
         return conversation.run(request)
 

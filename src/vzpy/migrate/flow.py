@@ -689,8 +689,8 @@ class Migration:
                 parent=self.precopy_parent,
             )
         except VzError as e:
-            with contextlib.suppress(VzError):
-                agent.page_server_stop(ctid, timeout=QUERY_TIMEOUT)
+            # the page server there is stopped by the tunnel's rollback, after the CT resumed here: over a link
+            # gone silent, asking now would keep the CT frozen for QUERY_TIMEOUT more
             raise CheckpointFailed(f"dump of CT {ctid} for the migration failed: {e.message}", detail=e.detail) from e
         self.summary.bytes_moved += agent.page_server_wait(ctid, timeout=self._frozen_left("the page server") or 600)
         self.summary.pages_while_frozen = self._dump_stats().get("pages_written", 0)

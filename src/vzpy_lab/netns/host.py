@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
 # Run by its path with -I -S (see launcher.py): the file of the installed package, wherever that is.
 LAUNCHER = os.fspath(Path(launcher.__file__).resolve())
+SILENCE_TABLE = "vzpy_lab_silence"
 
 
 def _ensure_mountpoints() -> None:
@@ -274,6 +275,22 @@ class TestHost:
                     os.kill(int(pid_dir.name), signal.SIGKILL)
                     killed += 1
         return killed
+
+    def silence(self) -> None:
+        """Drop every packet this host sends or receives, but on loopback, without a word (no RST, no ICMP):
+        a link gone silent. Its connections stay open and wait; unsilence() lifts it."""
+        rules = (
+            f"table inet {SILENCE_TABLE} {{\n"
+            '  chain input { type filter hook input priority -400; policy accept; iifname "lo" accept; drop; }\n'
+            '  chain output { type filter hook output priority -400; policy accept; oifname "lo" accept; drop; }\n'
+            "}\n"
+        )
+        result = self.run(["nft", "-f", "-"], input=rules)
+        if result.returncode != 0:
+            raise HostSetupError(f"cannot silence {self.hostname}: {result.stderr.strip()}")
+
+    def unsilence(self) -> None:
+        self.run(["nft", "delete", "table", "inet", SILENCE_TABLE])
 
     # setup
 

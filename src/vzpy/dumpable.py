@@ -51,6 +51,9 @@ SHOWN_FDS = 3  # fds named per task in a message; the rest are counted
 CGROUP_REREADS = 3
 CGROUP_REREAD_PAUSE = 0.02
 MAX_SHOWN_CHARS = 64
+# A command of a `vzpy exec` still running (a cron job's, say) is waited for this long before chkpnt refuses
+EXEC_GRACE = 2.0
+EXEC_POLL = 0.05
 
 
 class NotDumpable(ChkpntError):
@@ -190,9 +193,21 @@ def blockers(ct: Container) -> list[Blocker]:
     )
 
 
-def require_dumpable(ct: Container) -> None:
-    """Raise NotDumpable naming the first blocker (all of them in its detail) unless the CT can be dumped."""
+def settled_blockers(ct: Container, exec_grace: float = EXEC_GRACE) -> list[Blocker]:
+    """blockers(), except that when the only ones are commands of a `vzpy exec` or `enter` still running
+    (a cron job's, say), they get `exec_grace` seconds to end first."""
     found = blockers(ct)
+    deadline = time.monotonic() + exec_grace
+    while found and all(blocker.reason == "parent" for blocker in found) and time.monotonic() < deadline:
+        time.sleep(EXEC_POLL)
+        found = blockers(ct)
+    return found
+
+
+def require_dumpable(ct: Container, exec_grace: float = EXEC_GRACE) -> None:
+    """Raise NotDumpable naming the first blocker (all of them in its detail) unless the CT can be dumped
+    (settled_blockers)."""
+    found = settled_blockers(ct, exec_grace)
     if not found:
         return
     more = f" (and {len(found) - 1} more, below)" if len(found) > 1 else ""

@@ -301,6 +301,25 @@ def test_a_command_of_a_vzpy_exec_still_running_is_refused_not_lost(ct: VzRoot, 
     chkpnt_and_restore(vz, dump)  # nothing outside the tree any more
 
 
+def test_a_short_vzpy_exec_still_running_when_chkpnt_starts_is_waited_for(ct: VzRoot, tmp_path: Path) -> None:
+    """A cron job's `vzpy exec` that ends within chkpnt's grace (dumpable.EXEC_GRACE) is let end; chkpnt goes on."""
+    vz = ct
+    with subprocess.Popen([VZPY, "exec", CTID, "sleep", "1.2"], env=vz.env, stdin=subprocess.DEVNULL) as command:
+        eventually(lambda: exec_command_running(vz, "sleep"), "the exec's sleep in the CT")
+        chkpnt_and_restore(vz, tmp_path / "Dump")
+        assert command.wait(timeout=30) == 0
+
+
+def exec_command_running(vz: VzRoot, comm: str) -> bool:
+    """A task `comm` of the CT whose parent is outside the CT: a command of a `vzpy exec` still running."""
+    tasks = ct_tasks(vz)
+    for pid in tasks:
+        with contextlib.suppress(OSError):
+            if status_field(pid, "Name") == comm and int(status_field(pid, "PPid")) not in tasks:
+                return True
+    return False
+
+
 def test_a_daemon_stopped_in_the_ct_comes_back_stopped_with_its_memory(ct: VzRoot, tmp_path: Path) -> None:
     vz = ct
     pid = start_detached(vz, "stopped")[0]

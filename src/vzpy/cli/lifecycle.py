@@ -166,7 +166,8 @@ def exec_(app: App, ctid: str, command: tuple[str, ...]) -> None:
     the CT's shell read its commands from stdin. Its stdin, stdout and stderr are pipes relayed by vzpy,
     and it starts a session of its own inside the CT: no fd or terminal of the caller reaches the CT, so
     what it leaves running stays checkpointable. While `vzpy exec` itself runs, its command's parent is on
-    the host and chkpnt refuses; start a daemon detached: `vzpy exec 101 'setsid CMD </dev/null >/dev/null 2>&1 &'`.
+    the host: chkpnt waits 2 s for it to end, then refuses. Start a daemon detached:
+    `vzpy exec 101 'setsid CMD </dev/null >/dev/null 2>&1 &'`.
     """
     from vzpy import execution
 

@@ -196,7 +196,7 @@ def dump_blockers(ct: Container) -> list[str]:
     """Why CRIU could not dump the running CT (vzpy.dumpable's findings), found before anything is frozen."""
     from vzpy import dumpable  # reads /proc of the CT's tasks: only the source needs it
 
-    return [blocker.message for blocker in dumpable.blockers(ct)]
+    return [blocker.message for blocker in dumpable.settled_blockers(ct)]
 
 
 def _ctid(exists: Mapping[str, Any], ctid: str, where: str) -> list[Problem]:

@@ -203,3 +203,19 @@ def test_migrating_back_retires_what_this_host_kept_of_the_ct(host_a, host_b, ct
     migrate(host_b, host_a).check_returncode()
     assert not host_a.path(f"/etc/vz/conf/{CTID}.conf.migrated").exists(), "a retired config of a CT that runs here"
     assert host_b.path(f"/etc/vz/conf/{CTID}.conf.migrated").is_file()  # where it left: vzmigrate's
+
+
+def test_r_no_with_its_name_taken_is_refused_before_anything_moves(host_a, host_b, ct_on_a) -> None:
+    """PRIVATE.migrated already stands on this host (say a CT created anew under the CTID of one that left with
+    -r no): keeping the area would fail only after the commit, so preflight refuses, naming it."""
+    taken = host_a.path(f"/vz/private/{CTID}.migrated")
+    taken.mkdir()
+    (taken / "older").write_bytes(b"an older CT's file")
+
+    refused = migrate(host_a, host_b, "--remove-area", "no")
+    assert refused.returncode == 6, refused.stdout + refused.stderr
+    assert f"/vz/private/{CTID}.migrated exists already" in refused.stderr and "-r yes" in refused.stderr
+    assert "sync files" not in refused.stderr and "suspend" not in refused.stderr  # --json: progress on stderr
+    assert status(host_a) == "running" and status(host_b) == "absent"
+    assert (taken / "older").read_bytes() == b"an older CT's file"
+    shutil.rmtree(taken)

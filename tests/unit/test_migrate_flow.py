@@ -429,6 +429,19 @@ def test_the_frozen_time_budget_aborts_and_resumes_the_source(gconf: GlobalConfi
     assert ct.stage() is Stage.RUNNING and ("dst", "restore") not in world.journal
 
 
+@pytest.mark.parametrize("remove_area", [True, False])
+def test_preflight_is_told_what_stands_where_r_no_keeps_the_area(
+    gconf: GlobalConfig, world: World, monkeypatch: pytest.MonkeyPatch, remove_area: bool
+) -> None:
+    ct = make_ct(gconf)
+    ct.private.with_name(f"{CTID}.migrated").write_text("in the way")
+    facts: list[Any] = []
+    monkeypatch.setattr(flow, "check", lambda hello, exists, source, **kw: facts.append(source) or [])
+    run(ct, remove_area=remove_area)
+    expected = "" if remove_area else str(ct.private.with_name(f"{CTID}.migrated"))
+    assert [source.old_area_in_way for source in facts] == [expected]
+
+
 def test_a_failed_dump_wakes_the_ct_before_asking_the_destination_anything(gconf: GlobalConfig, world: World) -> None:
     """Over a link gone silent each request to the destination waits out its timeout: the CT must not wait
     frozen behind them."""

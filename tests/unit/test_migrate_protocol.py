@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 
 from helpers import write_vz_conf
@@ -44,6 +45,7 @@ from vzpy.migrate.preflight import (
     SourceFacts,
     check,
     dump_estimate,
+    old_area_in_way,
     parse_cpu_flags,
     parse_nodeps,
     raise_blocking,
@@ -477,6 +479,31 @@ def test_preflight_finds_each_problem_with_its_exit_code() -> None:
     with pytest.raises(IncompatibleVersion) as info:
         raise_blocking(problems)
     assert "also:" in info.value.detail
+
+
+def test_an_old_area_in_the_way_of_r_no_is_found_before_anything_is_copied(tmp_path: Path) -> None:
+    """With -r no the area is renamed PRIVATE.migrated after the commit: a name already taken would only fail
+    then, with the CT moved and its area left under its own name."""
+    private = tmp_path / "101"
+    private.mkdir()
+    assert old_area_in_way(private) == ""
+    (tmp_path / "101.migrated").symlink_to(tmp_path / "nowhere")  # dangling: still in the way
+    assert old_area_in_way(private) == str(tmp_path / "101.migrated")
+    kept = SourceFacts(
+        ctid="101", private_bytes=1, cpu_flags=SOURCE.cpu_flags, old_area_in_way="/vz/private/101.migrated"
+    )
+    [problem] = check(hello(), {}, kept)
+    assert (problem.check, problem.as_error().exit_code) == ("old_area", 6)
+    assert "/vz/private/101.migrated exists" in problem.message and "-r yes" in problem.message
+    assert check(hello(), {}, kept, skip=parse_nodeps("old_area"))[0].skipped
+
+
+def test_the_nodeps_help_names_every_check() -> None:
+    from vzpy.cli.migrate import migrate
+
+    [nodeps] = [param for param in migrate.params if "--nodeps" in param.opts]
+    assert isinstance(nodeps, click.Option) and nodeps.help is not None
+    assert [name for name in CHECKS if name not in nodeps.help] == []
 
 
 def test_nodeps_skips_by_name() -> None:

@@ -85,7 +85,7 @@ Examples:
     default=None,
     metavar="CHECKS",
     help="Skip preflight checks: all, or a comma-separated list of: version, criu, cgroups, ctid, disk_space, "
-    "cpu, ip, dumpable.",
+    "cpu, ip, dumpable, old_area (with -r no: PRIVATE.migrated is free here).",
 )
 @click.option(
     "--max-frozen",

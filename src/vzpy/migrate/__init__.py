@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from vzpy.errors import VzError
 
+# what `vzpy migrate -r no` renames the private area (and CTID.conf) to on the host the CT leaves
+OLD_AREA_SUFFIX = ".migrated"
+
 
 class MigrateError(VzError):
     """Any migration failure."""

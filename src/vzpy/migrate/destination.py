@@ -26,7 +26,7 @@ from vzpy.criu import require_criu
 from vzpy.criu.lazy import start_lazy_pages
 from vzpy.errors import VzError
 from vzpy.host import mounts
-from vzpy.migrate import ProtocolError, RestoreFailed
+from vzpy.migrate import OLD_AREA_SUFFIX, ProtocolError, RestoreFailed
 from vzpy.migrate.args import Args, bool_arg, ctid_arg, number_arg, optional_number_arg
 from vzpy.migrate.session import AgentSession, Incoming
 from vzpy.runtime import network, tcpkick
@@ -36,7 +36,6 @@ IMAGE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # CRIU's image file n
 RECOVER_LOCK_WAIT = 60.0  # an agent whose source vanished may still be finishing a request
 FROZEN_STAGES = (Stage.SUSPENDED, Stage.DUMPED, Stage.UNDUMPED)
 LAZY_SOCKET = "lazy-pages.socket"  # CRIU's, in the work dir: a stale one would make the daemon fail
-OLD_AREA_SUFFIX = ".migrated"  # what `vzpy migrate -r no` leaves of the private area on the host it leaves
 RETIRING = ".removing-"  # PRIVATE.migrated.removing-XXXXXXXX: a retired old area, being removed
 BASIS_DIR = "basis"  # in the work dir: the old area's files rsync may copy instead of receiving them
 BASIS_BUILD_SECONDS = 20.0  # within prepare's reply timeout; a basis cut short only sends more

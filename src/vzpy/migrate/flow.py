@@ -52,6 +52,7 @@ from vzpy.criu.features import DEFAULT_CACHE_DIR
 from vzpy.errors import VzError
 from vzpy.lifecycle import refuse_mounts_in_areas
 from vzpy.migrate import (
+    OLD_AREA_SUFFIX,
     CheckpointFailed,
     ConnectionBroken,
     ConnectionTimeout,
@@ -73,6 +74,7 @@ from vzpy.migrate.preflight import (
     disk_usage,
     dump_blockers,
     fork_rate,
+    old_area_in_way,
     raise_blocking,
     read_cpu_flags,
 )
@@ -461,6 +463,7 @@ class Migration:
             ips=tuple(ct.ips),
             online=self.opts.online,
             dump_blockers=tuple(dump_blockers(ct)) if self.opts.online else (),
+            old_area_in_way="" if self.opts.remove_area else old_area_in_way(ct.private),
         )
         problems = check(
             agent.hello, agent.ct_exists(ct.ctid, ct.ips), facts, skip=self.opts.nodeps, host=self.opts.target.host
@@ -998,14 +1001,14 @@ def finish_source(ct: Container, remove_area: bool) -> list[str]:
             refuse_mounts_in_areas(ct)  # rmtree would delete through a host dir mounted inside
             shutil.rmtree(private, ignore_errors=True)
         elif private.exists():
-            private.rename(private.with_name(private.name + ".migrated"))
+            private.rename(private.with_name(private.name + OLD_AREA_SUFFIX))
 
     problems = _run_all([("stop the source copy", lambda: lifecycle.kill(ct))])
     if not problems:  # never remove the files of a copy that may still run
         problems = _run_all(
             [
                 ("remove its private area", move_private),
-                ("retire its config", lambda: conf.rename(conf.with_name(conf.name + ".migrated"))),
+                ("retire its config", lambda: conf.rename(conf.with_name(conf.name + OLD_AREA_SUFFIX))),
             ]
         )
     with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from vzpy.host.cpu import CPUINFO, arch_mismatch, host_cpu, missing_flags, parse_cpuinfo, relevant_flags
 from vzpy.migrate import (
+    OLD_AREA_SUFFIX,
     CheckpointFailed,
     CtExistsRemote,
     DestinationNotReady,
@@ -39,7 +40,7 @@ from vzpy.units import human_size
 if TYPE_CHECKING:
     from vzpy.container import Container
 
-CHECKS = ("version", "criu", "cgroups", "ctid", "disk_space", "cpu", "ip", "dumpable")
+CHECKS = ("version", "criu", "cgroups", "ctid", "disk_space", "cpu", "ip", "dumpable", "old_area")
 MiB = 1 << 20
 # Images besides memory pages (process tree, fds, mounts, sockets...), and room left over on the filesystem.
 DUMP_OVERHEAD = 32 * MiB
@@ -59,6 +60,7 @@ class SourceFacts:
     ips: tuple[str, ...] = ()
     online: bool = True
     dump_blockers: tuple[str, ...] = ()  # why CRIU could not dump the CT (online only)
+    old_area_in_way: str = ""  # with -r no: what stands where the private area is to be kept (old_area_in_way())
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,14 @@ def disk_usage(path: Path) -> int:
     return total + os.lstat(path).st_blocks * 512
 
 
+def old_area_in_way(private: Path) -> str:
+    """With -r no the private area is kept here as PRIVATE.migrated once the CT has moved: whatever stands at
+    that name already (an older area kept because something is mounted in it or it is another CT's, a file)
+    would make that rename fail only after the commit. Its path, or "" when the name is free."""
+    old = private.with_name(private.name + OLD_AREA_SUFFIX)
+    return str(old) if os.path.lexists(old) else ""
+
+
 # --- --nodeps ----------------------------------------------------------------------------------------------
 
 
@@ -140,6 +150,7 @@ def check(
         *(_cpu(hello, source, where) if source.online else []),
         *_ip(exists, where),
         *_dumpable(source),
+        *_old_area(source),
     ]
     return [Problem(p.check, p.message, p.error, skipped=p.check in skip) for p in found]
 
@@ -197,6 +208,16 @@ def dump_blockers(ct: Container) -> list[str]:
     from vzpy import dumpable  # reads /proc of the CT's tasks: only the source needs it
 
     return [blocker.message for blocker in dumpable.settled_blockers(ct)]
+
+
+def _old_area(source: SourceFacts) -> list[Problem]:
+    if not source.old_area_in_way:
+        return []
+    message = (
+        f"CT {source.ctid}'s private area cannot be kept here with -r no: {source.old_area_in_way} exists "
+        "already (left by an earlier migration?); remove it, or migrate with -r yes"
+    )
+    return [Problem("old_area", message, MigrateError)]
 
 
 def _ctid(exists: Mapping[str, Any], ctid: str, where: str) -> list[Problem]:

@@ -413,6 +413,35 @@ def test_a_criu_blocked_seizing_a_stopped_frozen_task_is_killed_at_its_deadline(
 
 
 @pytest.mark.root
+def test_a_task_of_the_freezer_cgroup_outside_the_tree_fails_the_dump(
+    criu: Criu, counter_tree: CounterTree, tmp_path: Path
+) -> None:
+    """CRIU only warns about a task of the freezer cgroup that is not in the tree it dumps (one that joined
+    after the pre-freeze check, say a `vzpy exec`'s command), and leaves it out: a kill after the dump would
+    lose it. The dump fails instead, naming it; the tree is left as it was."""
+    freezer = Path(f"/sys/fs/cgroup/freezer/vzpy-test-rpc-stray-{os.getpid()}")
+    freezer.mkdir()
+    stray = subprocess.Popen(["sleep", "600"])
+    try:
+        for pid in (counter_tree.pid, stray.pid):
+            (freezer / "cgroup.procs").write_text(str(pid))
+        opts = CriuOptions(
+            images_dir=images_dir(tmp_path), pid=counter_tree.pid, freeze_cgroup=freezer, leave_running=True
+        )
+        with pytest.raises(ChkpntError, match=f"task {stray.pid} of {freezer} is outside the dumped tree"):
+            criu.dump(opts)
+        assert stray.poll() is None
+        counter_tree.wait_for_progress()
+    finally:
+        stray.kill()
+        stray.wait()
+        (freezer / "freezer.state").write_text("THAWED")
+        for pid in (freezer / "cgroup.procs").read_text().split():
+            Path("/sys/fs/cgroup/freezer/cgroup.procs").write_text(pid)
+        freezer.rmdir()
+
+
+@pytest.mark.root
 def test_a_dump_past_abort_after_stops_cleanly_and_leaves_the_tree_running(
     usable_criu: CriuBinary, counter_tree: CounterTree, tmp_path: Path
 ) -> None:

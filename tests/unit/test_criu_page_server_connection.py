@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vzpy.criu.options import CriuOptions
-from vzpy.criu.rpc import _page_server_connection
+from vzpy.criu.rpc import _page_server_connection, freezer_strays
 from vzpy.errors import ChkpntError
 
 
@@ -109,3 +109,11 @@ def test_a_page_server_nobody_listens_on_is_a_chkpnt_error() -> None:
         connection = _page_server_connection(dump_options(port), None, "criu dump of pid 42")
         with pytest.raises(ChkpntError, match=f"cannot connect to the page server at 127.0.0.1:{port}"):
             connection.__enter__()
+
+
+def test_the_tasks_criu_left_out_of_a_frozen_cgroup_are_read_from_its_log(tmp_path: Path) -> None:
+    log = tmp_path / "dump.log"
+    log.write_text("(00.01) Warn  (criu/seize.c:403): Unexpected process 4242 in the freezer cgroup (status 0x137f)\n")
+    assert freezer_strays(log) == [4242]
+    log.write_text("(00.01) Dumping finished successfully\n")
+    assert freezer_strays(log) == [] == freezer_strays(tmp_path / "missing.log") == freezer_strays(None)

@@ -53,6 +53,8 @@ EXCERPT_MAX_ERRORS = 6
 BENIGN_ERRORS = ("Can't setup RLIMIT_NOFILE",)
 
 _ERROR_LINE = re.compile(r"^(?:\(\s*[\d.]+\)\s*)?(?:\d+:\s*)?Error\s+\([^)]*\):\s*(?P<message>.*)$")
+# CRIU's warning for a task of the freezer cgroup outside the dumped tree: it is left out of the dump
+_STRAY_TASK = re.compile(rb"Unexpected process (\d+) in the freezer cgroup")
 
 
 # --- CRIU log reading ---------------------------------------------------------------------------
@@ -109,6 +111,18 @@ def read_log(path: Path | None) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def freezer_strays(log_path: Path | None) -> list[int]:
+    """Pids a dump with freeze_cgroup found in the cgroup but not in the tree, and so left out (CRIU only
+    warns: "Unexpected process N in the freezer cgroup")."""
+    try:
+        text = log_path.read_bytes() if log_path is not None else b""
+    except OSError:
+        return []
+    if b"Unexpected process" not in text:
+        return []
+    return [int(match.group(1)) for match in _STRAY_TASK.finditer(text)]
 
 
 def _detail(log_path: Path | None, *extra: str) -> str:
@@ -522,6 +536,13 @@ class Criu:
                 notify=notify,
                 abort_after=abort_after,
                 cut_off=cut_off,
+            )
+        strays = freezer_strays(opts.log_path(CriuAction.DUMP)) if opts.freeze_cgroup else []
+        if strays:
+            raise ChkpntError(
+                f"{what}: task {', '.join(map(str, strays))} of {opts.freeze_cgroup} is outside the dumped tree, "
+                "so CRIU left it out (it joined while the dump ran: a `vzpy exec` started meanwhile?); retry",
+                detail=f"CRIU log: {opts.log_path(CriuAction.DUMP)}",
             )
 
     def pre_dump(self, opts: CriuOptions, *, notify: NotifyCallback | None = None) -> None:

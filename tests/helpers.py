@@ -84,6 +84,10 @@ class VzRoot:
             raise AssertionError(f"vzpy {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}")
         return result
 
+    def stage(self, ctid: str) -> str:
+        """The CT's stage as `vzpy status --json` gives it (running, suspended, undumped, stopped, ...)."""
+        return str(json.loads(self.run("status", "--json", ctid, check=True).stdout)["status"])
+
     def veth(self, ctid: str) -> str:
         return f"{self.veth_prefix}{ctid}.0"
 

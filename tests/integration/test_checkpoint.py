@@ -70,10 +70,6 @@ def assert_network_locked(ip: str) -> None:
         socket.create_connection((ip, PORT), timeout=1).close()
 
 
-def stage_of(vz: VzRoot, ctid: str) -> str:
-    return json.loads(vz.run("status", "--json", ctid, check=True).stdout)["status"]
-
-
 def test_chkpnt_then_restore_keeps_every_item_and_the_tcp_connection(fidelity_ct) -> None:
     vz, ctid, _ip, client, echo = fidelity_ct
     assert_all_ok(client)
@@ -81,7 +77,7 @@ def test_chkpnt_then_restore_keeps_every_item_and_the_tcp_connection(fidelity_ct
     assert result.returncode == 0, result.stderr
     dump = vz.base / "dump" / f"Dump.{ctid}"
     assert dump.stat().st_mode & 0o777 == 0o600
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
     info = vz.run("dumpinfo", str(dump), check=True).stdout
     assert f"CT {ctid}" in info and "fidelity" in info
     verified = vz.run("dumpinfo", "--verify", str(dump), check=True).stdout
@@ -91,7 +87,7 @@ def test_chkpnt_then_restore_keeps_every_item_and_the_tcp_connection(fidelity_ct
 
     result = vz.run("restore", ctid)
     assert result.returncode == 0, result.stderr
-    assert stage_of(vz, ctid) == "running"
+    assert vz.stage(ctid) == "running"
     echo.exchange(256 * 1024)  # the same connection, every byte in order, no reset
     assert_all_ok(client)
     assert dump.exists(), "restore must keep the dump file"
@@ -101,19 +97,19 @@ def test_staged_chkpnt_and_restore_as_separate_invocations(fidelity_ct) -> None:
     vz, ctid, ip, client, echo = fidelity_ct
     dump = vz.base / "staged.dump"
     assert vz.run("chkpnt", ctid, "--suspend").returncode == 0
-    assert stage_of(vz, ctid) == "suspended"
+    assert vz.stage(ctid) == "suspended"
     assert_network_locked(ip)
     assert vz.run("chkpnt", ctid, "--dump", "--compress", "--dumpfile", str(dump)).returncode == 0
-    assert stage_of(vz, ctid) == "dumped" and dump.exists()
+    assert vz.stage(ctid) == "dumped" and dump.exists()
     assert json.loads(vz.run("dumpinfo", "--json", str(dump), check=True).stdout)["compression"] == "zstd"
     assert vz.run("chkpnt", ctid, "--kill").returncode == 0
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
 
     assert vz.run("restore", ctid, "--undump", "--dumpfile", str(dump)).returncode == 0
-    assert stage_of(vz, ctid) == "undumped"
+    assert vz.stage(ctid) == "undumped"
     assert_network_locked(ip)
     assert vz.run("restore", ctid, "--resume").returncode == 0
-    assert stage_of(vz, ctid) == "running"
+    assert vz.stage(ctid) == "running"
     echo.exchange(128 * 1024)
     assert_all_ok(client)
 
@@ -122,7 +118,7 @@ def test_snapshot_leaves_the_ct_running_and_stays_restorable_with_fs(fidelity_ct
     vz, ctid, _ip, client, echo = fidelity_ct
     plain, with_fs = vz.base / "plain.dump", vz.base / "withfs.dump"
     assert vz.run("chkpnt", ctid, "--snapshot", "--dumpfile", str(plain)).returncode == 0
-    assert stage_of(vz, ctid) == "running"
+    assert vz.stage(ctid) == "running"
     echo.exchange(64 * 1024)
     assert_all_ok(client)
     assert (
@@ -136,7 +132,7 @@ def test_snapshot_leaves_the_ct_running_and_stays_restorable_with_fs(fidelity_ct
 
     refused = vz.run("restore", ctid, "--dumpfile", str(plain))
     assert refused.returncode == 17 and "/etc/motd" in refused.stderr and "--skip-fs-check" in refused.stderr
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
 
     assert vz.run("restore", ctid, "--dumpfile", str(with_fs)).returncode == 0
     assert not (vz.private(ctid) / "etc" / "motd").exists(), "--with-fs must put the files back first"
@@ -157,7 +153,7 @@ def test_stages_out_of_order_are_refused_before_anything_changes(fidelity_ct) ->
     for args in (["restore", ctid, "--undump"], ["restore", ctid]):  # vzctl: restore of a running CT is 32
         result = vz.run(*args)
         assert result.returncode == 32 and "CT 101 is already running" in result.stderr, (args, result.stderr)
-    assert stage_of(vz, ctid) == "running"
+    assert vz.stage(ctid) == "running"
     assert vz.run("chkpnt", ctid, "--kill", "--resume").returncode == 20
     vz.run("chkpnt", ctid, "--suspend", check=True)
     again = vz.run("chkpnt", ctid, "--suspend")
@@ -183,7 +179,7 @@ def test_bad_dump_files_are_refused_and_change_nothing(fidelity_ct, tmp_path: Pa
         result = vz.run("restore", ctid, "--dumpfile", str(bad))
         assert result.returncode == 17, (name, result.stderr)
         assert result.stderr.startswith("vzpy: error: ") and "dump file" in result.stderr, (name, result.stderr)
-        assert stage_of(vz, ctid) == "stopped", name
+        assert vz.stage(ctid) == "stopped", name
         assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}").exists(), name
     missing = vz.run("restore", ctid, "--dumpfile", str(tmp_path / "nope"))
     assert missing.returncode == 17 and "nope" in missing.stderr
@@ -222,7 +218,7 @@ def test_failed_dump_resumes_the_ct(fidelity_ct, tmp_path: Path) -> None:
         result = vz.run("chkpnt", ctid, "--dumpfile", str(small / "Dump"))
         assert result.returncode == 16, result.stderr  # ChkpntError: the dump file does not fit
         assert "space" in result.stderr
-        assert stage_of(vz, ctid) == "running"
+        assert vz.stage(ctid) == "running"
         assert not list(small.iterdir()), "a failed dump must leave no partial file"
         echo.exchange(16 * 1024)
         assert_all_ok(client)
@@ -240,7 +236,7 @@ def test_failed_restore_kills_partial_processes_and_keeps_the_dump(fidelity_ct) 
     result = vz.run("restore", ctid, "--skip-fs-check")
     assert result.returncode == 17
     assert "CRIU log:" in result.stderr and "Error" in result.stderr
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
     assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}").exists()
     assert dump.read_bytes() == before
     binary.with_name("moved").rename(binary)
@@ -251,7 +247,7 @@ def test_a_killed_vzpy_leaves_a_recoverable_stage(fidelity_ct) -> None:
     vz, ctid, _ip, client, _ = fidelity_ct
     freezer = Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}/freezer.state")
     freezer.write_text("FROZEN")  # as if vzpy died right after freezing, before saving the stage
-    assert stage_of(vz, ctid) == "suspended"
+    assert vz.stage(ctid) == "suspended"
     assert vz.run("chkpnt", ctid, "--resume").returncode == 0
     assert_all_ok(client)
 
@@ -263,11 +259,11 @@ def test_a_killed_vzpy_leaves_a_recoverable_stage(fidelity_ct) -> None:
         time.sleep(0.002)
     restore.send_signal(signal.SIGKILL)
     restore.wait()
-    stage = stage_of(vz, ctid)
+    stage = vz.stage(ctid)
     assert stage in ("undumped", "stopped")
     if stage == "undumped":
         assert vz.run("restore", ctid, "--kill").returncode == 0
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
     assert vz.run("restore", ctid).returncode == 0
     assert_all_ok(client)
 
@@ -309,7 +305,7 @@ def test_a_hung_criu_is_killed_at_its_deadline_and_the_ct_resumed(fidelity_ct, t
         result = vz.run("chkpnt", ctid, timeout=60)
         assert result.returncode == 16, result.stderr
         assert "timed out after 3s" in result.stderr and "criu dump" in result.stderr
-        assert stage_of(vz, ctid) == "running"
+        assert vz.stage(ctid) == "running"
         echo.exchange(16 * 1024)  # thawed and unlocked
         assert_all_ok(client)
 
@@ -319,7 +315,7 @@ def test_a_hung_criu_is_killed_at_its_deadline_and_the_ct_resumed(fidelity_ct, t
         result = vz.run("restore", ctid, timeout=60)
         assert result.returncode == 17, result.stderr
         assert "timed out after 3s" in result.stderr and "criu restore" in result.stderr
-        assert stage_of(vz, ctid) == "stopped"
+        assert vz.stage(ctid) == "stopped"
         assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{ctid}").exists()
     finally:
         kill_hung(pids)
@@ -351,7 +347,7 @@ def test_a_criu_killed_holding_its_network_lock_leaves_the_ct_reachable(fidelity
         assert "timed out after 3s" in result.stderr
     finally:
         kill_hung(pids)
-    assert stage_of(vz, ctid) == "running"
+    assert vz.stage(ctid) == "running"
     nft = ["nsenter", f"--net={netns}", "--", "nft", "list", "tables"]
     listed = subprocess.run(nft, capture_output=True, text=True, timeout=30)
     assert CRIU_LOCK_TABLE not in listed.stdout, listed.stdout
@@ -376,7 +372,7 @@ def test_a_killed_chkpnt_leaves_no_scratch_after_the_next_command(fidelity_ct, t
     left = scratch.leftovers(ct)
     assert left and all(p.exists() for p in left)
     real_criu(vz)
-    assert stage_of(vz, ctid) == "suspended"
+    assert vz.stage(ctid) == "suspended"
     assert vz.run("chkpnt", ctid, "--resume").returncode == 0
     assert not any(p.exists() for p in left)
     assert_all_ok(client)
@@ -396,7 +392,7 @@ def test_bad_dump_file_targets_are_refused_before_the_ct_is_suspended(fidelity_c
         result = vz.run("chkpnt", ctid, *args, timeout=30)
         assert result.returncode == 16, (args, result.stderr)
         assert words in result.stderr, (args, result.stderr)
-        assert stage_of(vz, ctid) == "running", args
+        assert vz.stage(ctid) == "running", args
         echo.exchange(4096)  # neither frozen nor locked
     assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
@@ -412,7 +408,7 @@ def test_restore_and_dumpinfo_of_a_fifo_are_refused_at_once(fidelity_ct, tmp_pat
         result = vz.run(*args, timeout=30)  # reading a FIFO would block forever holding the CT's lock
         assert result.returncode == 17, (args, result.stderr)
         assert "is a FIFO, not a dump file" in result.stderr, result.stderr
-    assert stage_of(vz, ctid) == "stopped"
+    assert vz.stage(ctid) == "stopped"
     assert vz.run("restore", ctid).returncode == 0
 
 
@@ -426,7 +422,7 @@ def test_an_unfinished_migration_keeps_this_copy_from_running(fidelity_ct) -> No
         assert result.returncode == 9, result.stderr
         assert f"run `vzpy migrate --recover dst.test {ctid}` first" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
-    assert stage_of(vz, ctid) == "suspended"
+    assert vz.stage(ctid) == "suspended"
     marker.unlink()
     vz.run("chkpnt", ctid, "--resume", check=True)
     assert_all_ok(client)

@@ -56,10 +56,6 @@ def _as_version_1(path: Path) -> None:
         f.write(TRAILER.pack(TRAILER_MAGIC, trailer_offset, digest))
 
 
-def _stage(vz: VzRoot) -> str:
-    return str(json.loads(vz.run("status", "--json", CTID, check=True).stdout)["status"])
-
-
 def _wait_for_ticks(ticks: Path, more_than: int) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -89,7 +85,7 @@ def test_a_corrupt_memory_image_is_refused_and_the_ct_never_runs(vzroot: VzRoot)
     assert f"blake3 mismatch in {name}" in refused.stderr and "\n" not in refused.stderr.strip()
     time.sleep(0.3)  # a ticker that had been let run would have written by now (not a timed assert)
     assert ticks.read_bytes() == before, "the restored tasks ran before their memory was checked"
-    assert _stage(vz) == "stopped"
+    assert vz.stage(CTID) == "stopped"
     assert not Path(f"/sys/fs/cgroup/freezer/{vz.cgroup_parent}/{CTID}").exists()
     assert not any(Path("/dev/shm").glob(f".vzpy-restore-*-{CTID}-*")), "the scratch images were left behind"
 
@@ -128,11 +124,11 @@ def test_a_restore_killed_while_it_copies_the_memory_images_leaves_the_dump_rest
     written = ticks.read_bytes()
     time.sleep(0.3)  # a restored ticker let run would have written by now (not a timed assert)
     assert ticks.read_bytes() == written, "the CT runs after its restore was killed"
-    stage = _stage(vz)
+    stage = vz.stage(CTID)
     assert stage in ("undumped", "stopped"), stage
     if stage == "undumped":
         vz.run("restore", CTID, "--kill", check=True)
-    assert _stage(vz) == "stopped"
+    assert vz.stage(CTID) == "stopped"
     assert dump.read_bytes() == before
     vz.run("restore", CTID, check=True, timeout=120)
     _wait_for_ticks(ticks, len(written))

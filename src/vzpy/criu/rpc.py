@@ -117,6 +117,7 @@ def freezer_strays(log_path: Path | None) -> list[int]:
     """Pids a dump with freeze_cgroup found in the cgroup but not in the tree, and so left out (CRIU only
     warns: "Unexpected process N in the freezer cgroup")."""
     try:
+        # the whole log, not read_log's tail: CRIU writes this while it seizes, near the start
         text = log_path.read_bytes() if log_path is not None else b""
     except OSError:
         return []
